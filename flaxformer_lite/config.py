@@ -1,0 +1,328 @@
+"""Configs: defaults, the size table, the `key=value,flag` arg string, overrides, checks.
+
+Every run is described by one locked `ml_collections.ConfigDict`. Config files in
+`configs/` call `make_config(arg, task=...)`; the command line changes single fields
+with `--config.a.b=value` (`set_field`). Anything that cannot work raises
+`ConfigError` with one line naming the field and the fix, before a workdir is touched.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from flaxformer_lite import tasks
+from flaxformer_lite.errors import ConfigError
+
+# One table of model sizes (big_vision style). A field of `model` left unset (None)
+# takes the value of the row named by `model.size`. Recurrent models use the row's
+# depth and pick the width whose non-embedding parameter count matches the row's
+# Transformer (see `models.recurrent`), so `size=` means "the same N" in every family.
+# Encoder-decoder models use `num_layers` for each stack unless the row says otherwise.
+SIZES: dict[str, dict[str, Any]] = {
+    #          layers, width, heads, mlp  -> non-embedding parameters of a decoder-only stack
+    'tiny': dict(num_layers=2, d_model=64, num_heads=4, d_ff=256),  # 0.1M
+    'mini': dict(num_layers=4, d_model=128, num_heads=4, d_ff=512),  # 0.8M
+    'small': dict(num_layers=6, d_model=256, num_heads=8, d_ff=1024),  # 4.7M
+    'medium': dict(num_layers=8, d_model=512, num_heads=8, d_ff=2048),  # 25M
+    'base': dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072),  # 85M
+    'large': dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096),  # 302M
+    'xl': dict(num_layers=24, d_model=1536, num_heads=16, d_ff=6144),  # 680M
+    '1b': dict(num_layers=24, d_model=2048, num_heads=16, d_ff=8192),  # 1.2B
+    # Vaswani et al. (2017), Table 3: 6+6 layers, post-norm, ReLU, sinusoidal positions,
+    # shared embeddings scaled by sqrt(d_model). Use a task vocabulary of ~37k for the 65M.
+    'vaswani_base': dict(num_layers=6, d_model=512, num_heads=8, d_ff=2048, dropout=0.1,
+                         norm_position='post', ffn='relu', pos_encoding='sinusoidal'),
+    'vaswani_big': dict(num_layers=6, d_model=1024, num_heads=16, d_ff=4096, dropout=0.3,
+                        norm_position='post', ffn='relu', pos_encoding='sinusoidal'),
+}
+
+# Fields that may change when a run in an existing workdir is continued: how long it
+# runs and how it is watched, saved or laid out. Anything else changes the experiment.
+RESUMABLE_FIELDS = ('train.steps', 'train.log_every', 'eval.', 'checkpoint.', 'mesh.', 'data.')
+
+
+def base_config(task_name: str) -> ml_collections.ConfigDict:
+    """All fields with their defaults; `task` holds the named task's own knobs."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        name='transformer',  # registry name: transformer | rnn | lstm | gru
+        size='tiny',  # a row of SIZES; unset (None) fields below take its values
+        arch='auto',  # auto picks the shape the task needs; or decoder_only | encoder_decoder | encoder_classifier
+        num_layers=placeholder(int),
+        encoder_layers=placeholder(int),  # encoder-decoder only; default num_layers
+        d_model=placeholder(int),
+        num_heads=placeholder(int),
+        num_kv_heads=placeholder(int),  # < num_heads: grouped-query attention; 1: multi-query
+        d_ff=placeholder(int),
+        hidden=placeholder(int),  # recurrent width; unset: parameter-matched to `size`
+        dropout=placeholder(float),  # residual, embedding and between-layer dropout (default 0)
+        attention_dropout=0.0,
+        pos_encoding=placeholder(str),  # sinusoidal | learned | rotary | none (default sinusoidal)
+        max_len=placeholder(int),  # position table size; unset: the longest sequence the run sees
+        attention_impl='einsum',  # einsum (reference) | xla (jax.nn.dot_product_attention) | blockwise
+        attention_block_size=128,  # key/query block for attention_impl=blockwise
+        ffn=placeholder(str),  # relu | gelu | swiglu (default relu)
+        norm='layernorm',  # layernorm | rmsnorm
+        norm_position=placeholder(str),  # pre | post (the paper's); default pre
+        share_embeddings=True,  # one table for input(s) and output projection
+        scale_embeddings=True,  # multiply embeddings by sqrt(d_model), as in the paper
+        scan_layers=False,  # nn.scan over layers: flat compile time in depth
+        remat='none',  # none | full | dots (what nn.remat saves in each layer)
+        dtype='float32',  # compute dtype: float32 | bfloat16 (parameters stay float32)
+        pooling='mean',  # classifiers: mean | first | last
+        bidirectional=False,  # recurrent encoders
+        residual=False,  # recurrent: residual connections between stacked layers
+        rnn_attention='none',  # recurrent seq2seq: none | bahdanau | luong
+        unroll=1,  # recurrent scan unroll
+    ))
+
+    c.task = tasks.default_config(task_name)
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=2000,
+        batch_size=32,  # global batch, split over data-parallel devices and hosts
+        seed=0,  # parameter init, dropout and shuffling (the data itself: task.seed)
+        log_every=50,  # steps between train/* summaries and progress lines
+        label_smoothing=0.0,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3,  # peak
+        schedule='cosine',  # cosine | constant | rsqrt (the paper's inverse square root)
+        warmup_steps=100,
+        decay_steps=placeholder(int),  # cosine horizon; unset: train.steps
+        end_learning_rate_ratio=0.0,  # cosine floor as a fraction of the peak
+        weight_decay=0.01,  # decoupled (AdamW); not applied to biases, norms
+        b1=0.9,
+        b2=0.98,
+        eps=1e-9,
+        grad_clip=1.0,  # global norm; 0 disables
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=200,
+        num_examples=512,  # held-out examples per evaluation (the same ones every time)
+        batch_size=placeholder(int),  # unset: train.batch_size
+        dependency_lengths=placeholder(tuple),  # also evaluate at these task.dependency_length values
+        decode=True,  # sequence-to-sequence tasks: exact match of autoregressive output
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=500,
+        max_to_keep=3,
+        async_save=True,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,  # -1: the devices left over by the other axes
+        fsdp=1,
+        tensor=1,
+        rules='auto',  # auto | dp | fsdp | tp | fsdp_tp: logical axis name -> mesh axes
+        custom_rules=placeholder(tuple),  # ((logical_name, mesh_axis_or_None), ...) applied on top
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        threads=1,  # grain read threads generating examples
+        prefetch=4,  # batches prepared ahead of the device
+    ))
+    return c
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+    """'model=lstm,size=small,quick' -> {'model': 'lstm', 'size': 'small', 'quick': True}.
+
+    Commas inside brackets stay with their value: 'eval.dependency_lengths=(16,32)'.
+    """
+    out: dict[str, Any] = {}
+    if not arg:
+        return out
+    parts, depth, cur = [], 0, ''
+    for ch in arg:
+        depth += ch in '([{'
+        depth -= ch in ')]}'
+        if ch == ',' and depth == 0:
+            parts.append(cur)
+            cur = ''
+        else:
+            cur += ch
+    parts.append(cur)
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition('=')
+        out[key.strip()] = value.strip() if eq else True
+    return out
+
+
+def make_config(arg: str | None, *, task: str, defaults: Mapping[str, Any] | None = None,
+                quick: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The config of one experiment: base defaults, then `defaults`, then the arg string.
+
+    The arg string takes `model=NAME`, `size=NAME`, `quick` (apply `quick`: a run small
+    enough for a 2-core CPU) and any dotted field, e.g. `train.steps=300`.
+    """
+    args = parse_arg(arg)
+    cfg = base_config(args.pop('task', task))
+    for key, value in (defaults or {}).items():
+        set_field(cfg, key, value)
+    if args.pop('quick', False):
+        for key, value in (quick or {}).items():
+            set_field(cfg, key, value)
+    for key, value in args.items():
+        if key in ('model', 'size'):
+            key = f'model.{"name" if key == "model" else "size"}'
+        elif '.' not in key:
+            raise ConfigError(
+                f"config argument '{key}' is not known; use model=, size=, task=, quick "
+                f"or a dotted field such as train.steps=300")
+        set_field(cfg, key, value)
+    cfg.lock()
+    return cfg
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+            out.update(flatten(value, name + '.'))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(dotted: str, raw: Any, kind: type | None) -> Any:
+    """Turn a command-line string into the field's type, or say what was expected."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    if text.lower() in ('none', 'null'):
+        return None
+    try:
+        if kind is bool:
+            if text.lower() in ('true', '1', 'yes', 'on'):
+                return True
+            if text.lower() in ('false', '0', 'no', 'off'):
+                return False
+            raise ValueError
+        if kind is int:
+            value = float(text) if any(c in text for c in '.eE') else int(text)
+            if float(value) != int(value):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        if kind in (tuple, list):
+            value = ast.literal_eval(text)
+            if not isinstance(value, (tuple, list)):
+                value = (value,)
+            return kind(value)
+    except (ValueError, SyntaxError):
+        names = {bool: 'true or false', int: 'an integer', float: 'a number',
+                 tuple: 'a tuple such as (16,32)', list: 'a list such as [16,32]'}
+        raise ConfigError(f'config field {dotted}={raw!r}: expected {names.get(kind, kind)}') from None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any) -> None:
+    """Set one field from a string or a value; unknown names get a did-you-mean."""
+    node = cfg
+    parts = dotted.split('.')
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = sorted(flatten(cfg.to_dict()))
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else "see --describe for every field"
+            raise ConfigError(f"unknown config field '{dotted}'; {hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    leaf = parts[-1]
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        example = next(iter(node[leaf].keys()), 'x')
+        raise ConfigError(f"config field '{dotted}' is a group; set one of its fields, e.g. "
+                          f"{dotted}.{example}=...")
+    value = _coerce(dotted, raw, node.get_type(leaf))
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f'config field {dotted}={raw!r}: {e}') from None
+
+
+def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigDict:
+    """`FILE.py[:ARG]` -> `get_config(ARG)` from FILE, then `--config.a.b=v` overrides."""
+    path, _, arg = spec.partition(':')
+    if not path.endswith('.py'):
+        raise ConfigError(f"--config={spec}: expected a Python file, e.g. --config=configs/recall.py:model=lstm")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: config file '{path}' does not exist; see configs/ for the "
+                          f"available ones")
+    module_spec = importlib.util.spec_from_file_location(
+        f'_flaxformer_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f"--config: '{path}' defines no get_config(arg)")
+    cfg = module.get_config(arg or None)
+    for dotted, raw in dict(overrides).items():
+        set_field(cfg, dotted, raw)
+    return cfg
+
+
+def check(cfg: ml_collections.ConfigDict) -> None:
+    """Checks that need no model or task: positive counts, known choices."""
+    positive = ('train.steps', 'train.batch_size', 'train.log_every', 'eval.every_steps',
+                'eval.num_examples', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
+                'data.threads')
+    flat = flatten(cfg.to_dict())
+    for name in positive:
+        if not (isinstance(flat[name], int) and flat[name] > 0):
+            raise ConfigError(f'config field {name}={flat[name]!r} must be a positive integer')
+    if flat['eval.batch_size'] is not None and flat['eval.batch_size'] <= 0:
+        raise ConfigError('config field eval.batch_size must be a positive integer (or unset)')
+    if cfg.model.size not in SIZES:
+        close = difflib.get_close_matches(cfg.model.size, list(SIZES), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(SIZES)}"
+        raise ConfigError(f"model.size='{cfg.model.size}' is not in the size table; {hint}")
+    choices = {
+        'optim.schedule': ('cosine', 'constant', 'rsqrt'),
+        'model.dtype': ('float32', 'bfloat16'),
+        'model.remat': ('none', 'full', 'dots'),
+    }
+    for name, allowed in choices.items():
+        if flat[name] not in allowed:
+            raise ConfigError(f"config field {name}='{flat[name]}' is not one of {', '.join(allowed)}")
+    if not 0.0 <= cfg.train.label_smoothing < 1.0:
+        raise ConfigError('config field train.label_smoothing must be in [0, 1)')
+    if cfg.optim.learning_rate <= 0:
+        raise ConfigError('config field optim.learning_rate must be positive')
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError('config field optim.warmup_steps must be >= 0')
+
+
+def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Fields (flattened) whose values differ between a saved run and this config,
+    other than the ones a continued run may change (RESUMABLE_FIELDS)."""
+    a, b = flatten(saved), flatten(json.loads(to_json(current)))
+    out = []
+    for name in sorted(set(a) | set(b)):
+        if any(name == f or (f.endswith('.') and name.startswith(f)) for f in RESUMABLE_FIELDS):
+            continue
+        if a.get(name) != b.get(name):
+            out.append(name)
+    return out
+
+
+def to_json(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+    tree = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
+    return json.dumps(tree, indent=2, sort_keys=True, default=list)

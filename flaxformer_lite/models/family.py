@@ -1,0 +1,48 @@
+"""What a model family registers: how to fill its config, build it, count it, decode it.
+
+The trainer, `--describe`, parameter matching and decoding only talk to a family
+through this record, so a new family is a new `ModelFamily` and one registry line.
+Families receive the model config as a plain dict (resolved: no None left) and the
+task's `TaskSpec`; modules receive frozen dataclasses built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+
+from flaxformer_lite.tasks.base import TaskSpec
+
+ModelCfg = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """Autoregressive decoding of any model: `init(params, batch) -> state` (encode the
+    inputs, start an empty cache or carry) and `step(params, state, tokens_B) ->
+    (logits_BV, state)` (feed one token per sequence). Both are pure and jittable.
+    Every array in `state` with a leading batch axis is reordered by beam search."""
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    # (key path, leaf, B * beams) -> the leaf's batch axis or None; for beam search over
+    # states whose batch axis is not the leading one (e.g. caches of scanned layers).
+    batch_axis_of: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    # (model config dict, size-table row, task spec) -> resolved config dict; raises
+    # ConfigError for configurations that cannot work.
+    resolve: Callable[[dict[str, Any], Mapping[str, Any], TaskSpec], dict[str, Any]]
+    # (resolved config, spec) -> module with __call__(batch, *, train) -> outputs:
+    # lm/seq2seq logits [B, T, V], classify logits [B, C], regress predictions [B].
+    build: Callable[[ModelCfg, TaskSpec], nn.Module]
+    # analytic parameter counts: {'total', 'embedding', 'non_embedding'}
+    count_params: Callable[[ModelCfg, TaskSpec], dict[str, int]]
+    # training FLOPs (forward + backward) for one example of the task
+    flops_per_example: Callable[[ModelCfg, TaskSpec], float]
+    # (resolved config, spec) -> StepFns, for generative shapes (lm, seq2seq)
+    decoder: Callable[[ModelCfg, TaskSpec], StepFns] | None = None

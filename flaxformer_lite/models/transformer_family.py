@@ -1,0 +1,187 @@
+"""The Transformer as a registry entry: config resolution, building, counting, decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite.errors import ConfigError
+from flaxformer_lite.models.attention import IMPLEMENTATIONS
+from flaxformer_lite.models.embeddings import POSITION_KINDS
+from flaxformer_lite.models.family import ModelFamily, StepFns
+from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder,
+                                                 TransformerConfig)
+from flaxformer_lite.tasks.base import TaskSpec
+
+ARCH_FOR_KIND = {'lm': 'decoder_only', 'seq2seq': 'encoder_decoder', 'classify': 'encoder_classifier',
+                 'regress': 'encoder_classifier'}
+DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
+CHOICES = dict(pos_encoding=POSITION_KINDS, attention_impl=IMPLEMENTATIONS, ffn=('relu', 'gelu', 'swiglu'),
+               norm=('layernorm', 'rmsnorm'), norm_position=('pre', 'post'), pooling=('mean', 'first', 'last'),
+               arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier'))
+
+
+def _fail(field: str, message: str):
+    raise ConfigError(f'model.{field}: {message}')
+
+
+def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
+    m = dict(model)
+    for key, value in {**DEFAULTS, **size}.items():
+        if m.get(key) is None:
+            m[key] = value
+    for key in ('num_layers', 'd_model', 'num_heads', 'd_ff'):
+        if m[key] is None or m[key] < 1:
+            _fail(key, 'must be a positive integer')
+    m['num_kv_heads'] = m['num_kv_heads'] or m['num_heads']
+    m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
+    if m['max_len'] is None:
+        m['max_len'] = max(spec.input_len, spec.target_len)
+    for key, allowed in CHOICES.items():
+        if m[key] not in allowed:
+            _fail(key, f"'{m[key]}' is not one of {', '.join(allowed)}")
+    if m['arch'] == 'auto':
+        m['arch'] = ARCH_FOR_KIND[spec.kind]
+    elif m['arch'] != ARCH_FOR_KIND[spec.kind]:
+        _fail('arch', f"{m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto "
+                      f"({ARCH_FOR_KIND[spec.kind]})")
+    if m['d_model'] % m['num_heads']:
+        _fail('d_model', f"{m['d_model']} is not divisible by model.num_heads={m['num_heads']}; "
+                         f"pick a width that is a multiple of the head count")
+    if m['num_heads'] % m['num_kv_heads']:
+        _fail('num_kv_heads', f"{m['num_kv_heads']} does not divide model.num_heads={m['num_heads']}")
+    if m['pos_encoding'] == 'rotary' and (m['d_model'] // m['num_heads']) % 2:
+        _fail('pos_encoding', 'rotary needs an even head dimension (d_model / num_heads)')
+    if m['pos_encoding'] == 'sinusoidal' and m['d_model'] % 2:
+        _fail('d_model', 'sinusoidal positions need an even d_model')
+    longest = max(spec.input_len, spec.target_len)
+    if m['pos_encoding'] in ('learned', 'sinusoidal') and m['max_len'] < longest:
+        _fail('max_len', f"{m['max_len']} is shorter than the task's sequences ({longest}); "
+                         f"raise model.max_len or leave it unset")
+    if m['attention_impl'] != 'einsum' and m['attention_dropout'] > 0:
+        _fail('attention_dropout', f"attention_impl={m['attention_impl']} has no attention dropout; "
+                                   f"use model.attention_impl=einsum or model.attention_dropout=0")
+    if m['attention_block_size'] < 1:
+        _fail('attention_block_size', 'must be a positive integer')
+    if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq') and spec.vocab_size != spec.num_outputs:
+        _fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
+                                  f'tokens; one shared table needs one vocabulary (set it to false)')
+    return m
+
+
+def hparams(m: Mapping[str, Any], spec: TaskSpec, **changes) -> TransformerConfig:
+    cfg = TransformerConfig.from_mapping({**m, 'vocab_size': spec.vocab_size, 'num_outputs': spec.num_outputs,
+                                          'pad_id': spec.pad_id, 'bos_id': spec.bos_id})
+    return dataclasses.replace(cfg, **changes)
+
+
+def build(m: Mapping[str, Any], spec: TaskSpec, **changes):
+    cfg = hparams(m, spec, **changes)
+    if m['arch'] == 'decoder_only':
+        return DecoderOnly(cfg)
+    if m['arch'] == 'encoder_decoder':
+        return EncoderDecoder(cfg)
+    return EncoderClassifier(cfg, regression=spec.kind == 'regress')
+
+
+def _layer_params(c: TransformerConfig, cross: bool) -> int:
+    d, hk, gk = c.d_model, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    attn = (d * hk + hk) + 2 * (d * gk + gk) + (hk * d + d)
+    if c.ffn == 'swiglu':
+        mlp = 3 * d * c.d_ff
+    else:
+        mlp = 2 * d * c.d_ff + c.d_ff + d
+    norm = 2 * d if c.norm == 'layernorm' else d
+    return attn * (2 if cross else 1) + mlp + norm * (3 if cross else 2)
+
+
+def count_params(m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
+    """Analytic counts; tests hold them equal to the real parameter trees."""
+    c = hparams(m, spec)
+    d = c.d_model
+    norm = (2 * d if c.norm == 'layernorm' else d) if c.norm_position == 'pre' else 0
+    embedding = c.vocab_size * d + (c.max_len * d if c.pos_encoding == 'learned' else 0)
+    head = 0
+    if m['arch'] == 'decoder_only':
+        body = c.num_layers * _layer_params(c, cross=False) + norm
+        head = 0 if c.share_embeddings else d * c.num_outputs + c.num_outputs
+    elif m['arch'] == 'encoder_decoder':
+        body = (c.encoder_layers * _layer_params(c, cross=False) + c.num_layers * _layer_params(c, cross=True)
+                + 2 * norm)
+        if c.pos_encoding == 'learned':
+            embedding += c.max_len * d  # one table per stack
+        if not c.share_embeddings:
+            embedding += c.num_outputs * d
+            head = d * c.num_outputs + c.num_outputs
+    else:
+        body = c.num_layers * _layer_params(c, cross=False) + norm
+        head = d * c.num_outputs + c.num_outputs
+    # The output projection is compute like any layer: it counts as non-embedding.
+    return dict(total=embedding + body + head, embedding=embedding, non_embedding=body + head)
+
+
+def flops_per_example(m: Mapping[str, Any], spec: TaskSpec) -> float:
+    """Training FLOPs for one example: 6 per weight per token (2 forward, 4 backward) over
+    every matrix, the tied output projection included, plus attention scores and
+    weighted sums, 4 * d_attn per query-key pair forward (x3 for training), with
+    causal self-attention counted on its lower triangle only."""
+    c = hparams(m, spec)
+    counts = count_params(m, spec)
+    d_attn = c.num_heads * c.head_dim
+    tied_output = c.share_embeddings and m['arch'] != 'encoder_classifier'
+    matmul = counts['non_embedding'] + (c.num_outputs * c.d_model if tied_output else 0)
+
+    def attn(queries: int, keys: int, layers: int, causal: bool) -> float:
+        pairs = queries * (keys + 1) / 2 if causal else queries * keys
+        return 3 * 4 * d_attn * pairs * layers
+
+    s, t = spec.input_len, spec.target_len
+    if m['arch'] == 'decoder_only':
+        return 6 * matmul * s + attn(s, s, c.num_layers, True)
+    if m['arch'] == 'encoder_decoder':
+        enc = _layer_params(c, False) * c.encoder_layers
+        return (6 * enc * s + 6 * (matmul - enc) * t + attn(s, s, c.encoder_layers, False)
+                + attn(t, t, c.num_layers, True) + attn(t, s, c.num_layers, False))
+    return 6 * matmul * s + attn(s, s, c.num_layers, False)
+
+
+def decoder(m: Mapping[str, Any], spec: TaskSpec) -> StepFns:
+    """Cached decoding: the prefix lives in the KV cache, each step feeds one token."""
+    dec = build(m, spec, decode=True, dropout=0.0, attention_dropout=0.0)
+    full = build(m, spec)
+    encdec = m['arch'] == 'encoder_decoder'
+
+    def call(variables, tokens_B1, encoded, mutable=()):
+        if encdec:
+            return dec.apply(variables, {'decoder_inputs': tokens_B1}, mode='decode', encoded=encoded,
+                             mutable=mutable)
+        return dec.apply(variables, {'inputs': tokens_B1}, mutable=mutable)
+
+    def init(params, batch):
+        b = batch['inputs'].shape[0]
+        encoded = full.apply({'params': params}, batch, mode='encode') if encdec else None
+        token = jnp.zeros((b, 1), jnp.int32)
+        shapes = jax.eval_shape(lambda: (dec.init(jax.random.key(0), {'decoder_inputs': token}, mode='decode',
+                                                  encoded=encoded) if encdec else
+                                         dec.init(jax.random.key(0), {'inputs': token})))
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+        return {'cache': cache, 'encoded': encoded}
+
+    def step(params, state, tokens_B):
+        logits, new = call({'params': params, 'cache': state['cache']}, tokens_B[:, None], state['encoded'],
+                           mutable=['cache'])
+        return logits[:, 0], {'cache': new['cache'], 'encoded': state['encoded']}
+
+    def batch_axis_of(path, leaf, n):
+        # nn.scan stacks each layer's cache on a leading 'layers' axis.
+        axis = 1 if any(getattr(p, 'key', None) == 'layers' for p in path) else 0
+        return axis if leaf.ndim > axis and leaf.shape[axis] == n else None
+
+    return StepFns(init=init, step=step, batch_axis_of=batch_axis_of)
+
+
+TRANSFORMER = ModelFamily(name='transformer', resolve=resolve, build=build, count_params=count_params,
+                          flops_per_example=flops_per_example, decoder=decoder)

@@ -1,0 +1,43 @@
+"""Task registry: `config.task.name` -> Task class. A new task is one module + one line here.
+
+`default_config(name)` gives the task's knobs (they become `config.task.*`);
+`build(cfg)` checks them and returns the Task, raising ConfigError for impossible ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+import ml_collections
+
+from flaxformer_lite.errors import ConfigError
+from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, split_of
+from flaxformer_lite.tasks.recall import Recall
+
+REGISTRY: dict[str, type[Task]] = {
+    cls.name: cls for cls in (
+        Recall,
+    )
+}
+
+__all__ = ['REGISTRY', 'SPLITS', 'Task', 'TaskSpec', 'build', 'default_config', 'split_of']
+
+
+def _lookup(name: str) -> type[Task]:
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(sorted(REGISTRY))}"
+        raise ConfigError(f"task.name='{name}' is not a known task; {hint}")
+    return REGISTRY[name]
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+    """`name`, `seed` (which examples: fixed across training seeds), then the task's knobs."""
+    cls = _lookup(name)
+    return ml_collections.ConfigDict(dict(name=name, seed=0, **cls.DEFAULTS))
+
+
+def build(cfg: Mapping[str, Any]) -> Task:
+    cfg = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    return _lookup(cfg['name'])(cfg)

@@ -1,0 +1,186 @@
+"""TensorBoard event files written with the tensorboard package alone (no TensorFlow),
+and the progress display.
+
+Tags: `train/*` and `eval/*` scalars, the resolved config as text, HParams (the
+flattened config with the final eval metrics declared, so the HParams tab compares
+runs), and images (for example loss against position in the context).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.util import tensor_util
+
+# Metrics the HParams tab shows for each run (the last value logged under each tag).
+HPARAM_METRICS = ('eval/loss', 'eval/accuracy', 'eval/seq_accuracy', 'eval/exact_match', 'eval/mse',
+                  'train/loss')
+
+
+class Writer:
+    """Appends summaries to an event file in `logdir` (one file per start of a run)."""
+
+    def __init__(self, logdir: str):
+        self._writer = EventFileWriter(logdir)
+
+    def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary_pb2.Summary(value=values)))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        meta = scalar_metadata.create_summary_metadata(display_name='', description='')
+        self._add(step, [summary_pb2.Summary.Value(tag=tag, metadata=meta,
+                                                   tensor=tensor_util.make_tensor_proto(float(v), dtype=np.float32))
+                         for tag, v in values.items() if v is not None])
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        meta = text_metadata.create_summary_metadata(display_name='', description='')
+        self._add(step, [summary_pb2.Summary.Value(
+            tag=tag, metadata=meta, tensor=tensor_util.make_tensor_proto(markdown, dtype=np.object_))])
+
+    def image(self, step: int, tag: str, png: bytes, width: int, height: int) -> None:
+        meta = image_metadata.create_summary_metadata(display_name='', description='', converted_to_tensor=True)
+        tensor = tensor_util.make_tensor_proto([str(width).encode(), str(height).encode(), png], dtype=np.object_)
+        self._add(step, [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+
+    def hparams(self, flat_config: Mapping[str, Any], metrics: tuple[str, ...] = HPARAM_METRICS,
+                trial_id: str | None = None) -> None:
+        """Declare the experiment (hyperparameter and metric names) and this run's values."""
+        values = {k: _hparam_value(v) for k, v in flat_config.items()}
+        experiment = hparams_summary.hparams_config_pb(
+            hparams=[hparams_summary.HParam(k) for k in values],
+            metrics=[hparams_summary.Metric(m) for m in metrics])
+        session = hparams_summary.hparams_pb(values, trial_id=trial_id)
+        for pb in (experiment, session):
+            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=pb))
+
+    def restart_at(self, step: int) -> None:
+        """Mark a resumed run: TensorBoard drops events of an earlier start at steps >= step,
+        so a run resumed from an older checkpoint shows one clean curve."""
+        self._writer.add_event(event_pb2.Event(
+            wall_time=time.time(), step=int(step), session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class NullWriter(Writer):
+    """For processes other than 0: they compute the same metrics but write nothing."""
+
+    def __init__(self):  # pylint: disable=super-init-not-called
+        pass
+
+    def _add(self, step, values):
+        pass
+
+    def hparams(self, *args, **kwargs):
+        pass
+
+    def restart_at(self, step):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _hparam_value(v: Any) -> bool | float | str:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return 'None' if v is None else str(v)
+
+
+def line_plot_png(y: np.ndarray, *, title: str, xlabel: str, ylabel: str) -> tuple[bytes, int, int]:
+    """A small PNG line plot (matplotlib, Agg backend): (png, width, height)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(np.arange(len(y)), y)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    width, height = fig.canvas.get_width_height()
+    plt.close(fig)
+    return buf.getvalue(), width, height
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s' if m else f'{s}s'
+
+
+class Progress:
+    """A bar with ETA on an interactive terminal; otherwise one line per logged step."""
+
+    def __init__(self, total: int, start: int, *, stream: TextIO | None = None, enabled: bool = True):
+        self.total, self.start = total, start
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, 'isatty') and self.stream.isatty()
+        self._t0 = time.time()
+        self._last_draw = 0.0
+        self._last = ''
+
+    def _eta(self, step: int) -> tuple[float, float]:
+        done = step - self.start
+        elapsed = time.time() - self._t0
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        return rate, (self.total - step) / rate if rate else float('nan')
+
+    def update(self, step: int) -> None:
+        """Called every step; redraws the bar at most 5 times a second (tty only)."""
+        if not self.tty or time.time() - self._last_draw < 0.2:
+            return
+        self._last_draw = time.time()
+        rate, eta = self._eta(step)
+        width = 30
+        filled = int(width * step / max(self.total, 1))
+        eta_s = format_duration(eta) if math.isfinite(eta) else '?'
+        self.stream.write(f'\r[{"#" * filled}{"." * (width - filled)}] {step}/{self.total} '
+                          f'{rate:.1f} steps/s ETA {eta_s} {self._last}\x1b[K')
+        self.stream.flush()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """A logged step: remembered for the bar, or printed as a line."""
+        if not self.enabled:
+            return
+        shown = ' '.join(f'{k.split("/")[-1]} {v:.4g}' for k, v in metrics.items())
+        self._last = shown
+        if not self.tty:
+            rate, eta = self._eta(step)
+            eta_s = format_duration(eta) if math.isfinite(eta) else '?'
+            self.stream.write(f'step {step}/{self.total} {shown} {rate:.2f} steps/s ETA {eta_s}\n')
+            self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(('\r\x1b[K' if self.tty else '') + text + '\n')
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write('\n')
+            self.stream.flush()

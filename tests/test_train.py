@@ -1,0 +1,111 @@
+"""End to end through the one training loop: learning, exact resume, event files,
+compilation count, and workdirs that must be refused."""
+
+import json
+import logging
+import os
+
+import jax
+import pytest
+
+from flaxformer_lite import experiment
+from flaxformer_lite.errors import UserError
+from flaxformer_lite.train import train_and_evaluate
+
+from conftest import read_scalars, tiny_config
+
+REQUIRED_TAGS = ['train/loss', 'train/accuracy', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_sec',
+                 'eval/loss', 'eval/accuracy']
+
+
+def _train(cfg, workdir):
+    return train_and_evaluate(experiment.resolve(cfg), workdir, verbose=False)
+
+
+def test_training_learns_recall_well_above_chance(workdir):
+    cfg = tiny_config(train__steps=150, eval__every_steps=150, train__log_every=10, eval__num_examples=256)
+    result = _train(cfg, workdir)
+    scalars = read_scalars(workdir)
+    losses = scalars['train/loss']
+    assert losses[150] < 0.6 * losses[10], losses
+    chance = experiment.resolve(cfg).task.chance()['accuracy']
+    assert result['eval/accuracy'] > chance + 0.4, (result['eval/accuracy'], chance)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = dict(train__steps=20, optim__decay_steps=20, train__log_every=2, eval__every_steps=10,
+                  checkpoint__every_steps=5, model__dropout=0.1)
+    straight = str(tmp_path / 'straight')
+    _train(tiny_config(**common), straight)
+    stopped = str(tmp_path / 'stopped')
+    _train(tiny_config(**{**common, 'train__steps': 10}), stopped)
+    assert sorted(os.listdir(os.path.join(stopped, 'checkpoints'))) == ['10', '5']
+    _train(tiny_config(**common), stopped)  # raising train.steps continues the run
+    a, b = read_scalars(straight), read_scalars(stopped)
+    for tag in ('train/loss', 'train/grad_norm', 'eval/loss', 'eval/accuracy'):
+        assert a[tag] == b[tag], tag  # identical floats, resumed or not
+    assert set(a['train/loss']) == set(range(2, 21, 2))
+
+
+def test_event_files_hold_tags_config_and_hparams(workdir):
+    _train(tiny_config(), workdir)
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    acc = EventAccumulator(workdir)
+    acc.Reload()
+    tags = acc.Tags()['tensors']
+    for tag in REQUIRED_TAGS + ['config']:
+        assert tag in tags, tag
+    content = acc.PluginTagToContent('hparams')
+    experiment_pb = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/experiment'])
+    hparam_names = {h.name for h in experiment_pb.experiment.hparam_infos}
+    assert {'model.name', 'train.steps', 'task.dependency_length', 'optim.learning_rate'} <= hparam_names
+    metric_tags = {m.name.tag for m in experiment_pb.experiment.metric_infos}
+    assert {'eval/loss', 'eval/accuracy'} <= metric_tags
+    session = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/session_start_info'])
+    assert session.session_start_info.hparams['model.name'].string_value == 'transformer'
+    assert session.session_start_info.hparams['train.steps'].number_value == 20
+    saved = json.load(open(os.path.join(workdir, 'config.json')))
+    assert saved['model']['d_model'] == 32 and saved['model']['arch'] == 'decoder_only'
+
+
+def test_train_step_compiles_once(workdir, caplog):
+    caplog.set_level(logging.WARNING)
+    with jax.log_compiles():
+        _train(tiny_config(train__steps=12, eval__every_steps=4), workdir)
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Compiling jit(')]
+    assert sum('jit(train_step)' in m for m in compiles) == 1, compiles
+    assert sum('jit(eval_step)' in m for m in compiles) == 1, compiles
+
+
+def _snapshot(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = (os.path.getsize(p), os.path.getmtime(p))
+    return out
+
+
+def test_workdir_of_another_run_is_refused_and_left_alone(workdir):
+    _train(tiny_config(train__steps=5, eval__every_steps=5, checkpoint__every_steps=5), workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(UserError, match=r"holds a run with model.d_model=32, not 48"):
+        _train(tiny_config(train__steps=5, model__d_model=48), workdir)
+    with pytest.raises(UserError, match="task.num_pairs"):
+        _train(tiny_config(train__steps=5, task__num_pairs=1, task__num_queries=1), workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_foreign_or_file_workdir_is_refused(tmp_path):
+    foreign = tmp_path / 'thesis'
+    foreign.mkdir()
+    (foreign / 'chapter1.tex').write_text('precious')
+    with pytest.raises(UserError, match='holds no flaxformer_lite run'):
+        _train(tiny_config(), str(foreign))
+    assert os.listdir(foreign) == ['chapter1.tex']
+    afile = tmp_path / 'notes.txt'
+    afile.write_text('x')
+    with pytest.raises(UserError, match='is a file'):
+        _train(tiny_config(), str(afile))
+    assert afile.read_text() == 'x'
