@@ -13,11 +13,33 @@ import ml_collections
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, split_of
+from flaxformer_lite.tasks.adding import Adding
+from flaxformer_lite.tasks.agreement import Agreement
+from flaxformer_lite.tasks.copy import Copy
+from flaxformer_lite.tasks.dyck import Dyck
+from flaxformer_lite.tasks.induction import Induction
+from flaxformer_lite.tasks.listops import ListOps
+from flaxformer_lite.tasks.mqar import MQAR
+from flaxformer_lite.tasks.parity import Parity
 from flaxformer_lite.tasks.recall import Recall
+from flaxformer_lite.tasks.selective_copy import SelectiveCopy
+from flaxformer_lite.tasks.seq2seq import Seq2Seq
+from flaxformer_lite.tasks.text_lm import TextLM
 
 REGISTRY: dict[str, type[Task]] = {
     cls.name: cls for cls in (
         Recall,
+        Copy,
+        SelectiveCopy,
+        MQAR,
+        Adding,
+        ListOps,
+        Agreement,
+        Parity,
+        Dyck,
+        Induction,
+        TextLM,
+        Seq2Seq,
     )
 }
 

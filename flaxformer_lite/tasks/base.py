@@ -100,9 +100,9 @@ class Task:
 
     def example(self, split: str, index: int) -> dict[str, np.ndarray]:
         """Example `index` of `split`: deterministic, and never in another split."""
-        split_id = SPLITS.index(split)
-        for attempt in range(self.MAX_ATTEMPTS):
-            rng = np.random.default_rng([self.seed, split_id, int(index), attempt])
+        # One stream per (seed, split, index); redraws continue it until the hash agrees.
+        rng = np.random.default_rng([self.seed, SPLITS.index(split), int(index)])
+        for _ in range(self.MAX_ATTEMPTS):
             ex = self._generate(rng)
             if split_of(ex) == split:
                 return ex

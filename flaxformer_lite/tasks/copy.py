@@ -1,0 +1,80 @@
+"""Copying memory: read a short sequence, wait, then reproduce it.
+
+    ^ 3 1 4 1 5 9 2 6 5 3 _ _ _ ... _ : 3 1 4 1 5 9 2 6 5 3 . .
+      \\____ data ____/ \\_ blanks _/   \\_____ answers _____/
+
+Hochreiter & Schmidhuber (1997) introduced the long-delay copying experiments;
+Arjovsky, Shah & Bengio (2016, "Unitary evolution RNNs") fixed the form used since:
+10 symbols from an alphabet of 8, T blanks, a delimiter, then the symbols again.
+As language modelling: after the delimiter ':' the model must predict each data symbol
+in turn; only those positions count. `dependency_length` is T, the number of blanks
+between the data and the delimiter, so data symbol i is reproduced
+`num_tokens + dependency_length + 1` tokens after it was shown. Positions after the
+answers are padding. Chance: 1 / num_symbols per answer (the memoryless baseline of
+Arjovsky et al.: blanks are free, each answer symbol a uniform guess).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from flaxformer_lite.tasks.base import Task, TaskSpec
+from flaxformer_lite.tasks.common import BOS, PAD, check_ints, check_seq_len, lm_example
+
+BLANK, DELIM = 2, 3
+_FIRST = 4  # first data symbol
+
+
+class Copy(Task):
+    name = 'copy'
+    DEFAULTS = dict(
+        seq_len=64,  # model input length
+        dependency_length=32,  # blanks between the data and the delimiter (T)
+        num_tokens=10,  # symbols to memorise
+        num_symbols=8,  # data alphabet
+    )
+
+    def __init__(self, cfg: Mapping):
+        super().__init__(cfg)
+        c = self.cfg
+        check_ints(c, dict(seq_len=1, dependency_length=0, num_tokens=1, num_symbols=2))
+        check_seq_len(c, self.min_seq_len(c),
+                      f"{c['num_tokens']} symbols, dependency_length={c['dependency_length']} "
+                      f"blanks and the {c['num_tokens']} answers")
+        self.vocab_size = _FIRST + c['num_symbols']
+
+    @classmethod
+    def min_seq_len(cls, cfg: Mapping) -> int:
+        return 2 * cfg['num_tokens'] + cfg['dependency_length'] + 1
+
+    @property
+    def spec(self) -> TaskSpec:
+        n = self.cfg['seq_len']
+        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
+                        num_outputs=self.vocab_size, pad_id=PAD, bos_id=BOS)
+
+    def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        c = self.cfg
+        k, gap = c['num_tokens'], c['dependency_length']
+        tokens = np.full(c['seq_len'] + 1, PAD, np.int32)
+        data = _FIRST + rng.integers(0, c['num_symbols'], size=k)
+        tokens[0] = BOS
+        tokens[1:1 + k] = data
+        tokens[1 + k:1 + k + gap] = BLANK
+        delim = 1 + k + gap
+        tokens[delim] = DELIM
+        tokens[delim + 1:delim + 1 + k] = data
+        return lm_example(tokens, slice(delim, delim + k))
+
+    def _name(self, token: int) -> str:
+        return {PAD: '.', BOS: '^', BLANK: '_', DELIM: ':'}.get(int(token), None) or str(token - _FIRST)
+
+    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
+        inputs = ' '.join(self._name(t) for t in example['inputs'])
+        answers = ' '.join(self._name(t) for t in example['targets'][example['weights'] > 0])
+        return inputs, answers
+
+    def chance(self) -> dict[str, float]:
+        return {'accuracy': 1.0 / self.cfg['num_symbols']}
