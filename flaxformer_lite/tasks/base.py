@@ -132,3 +132,14 @@ def require(condition: bool, field: str, message: str) -> None:
     """Raise a ConfigError naming `task.<field>` unless `condition`."""
     if not condition:
         raise ConfigError(f'task.{field}: {message}')
+
+
+class LMTask(Task):
+    """A task posed as next-token prediction over `seq_len` positions of one vocabulary:
+    subclasses set `self.vocab_size` and weight the positions that the task asks."""
+
+    @property
+    def spec(self) -> TaskSpec:
+        n = self.cfg['seq_len']
+        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
+                        num_outputs=self.vocab_size, pad_id=0, bos_id=1)

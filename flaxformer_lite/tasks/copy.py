@@ -20,14 +20,14 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec
+from flaxformer_lite.tasks.base import LMTask
 from flaxformer_lite.tasks.common import BOS, PAD, check_ints, check_seq_len, lm_example
 
 BLANK, DELIM = 2, 3
 _FIRST = 4  # first data symbol
 
 
-class Copy(Task):
+class Copy(LMTask):
     name = 'copy'
     DEFAULTS = dict(
         seq_len=64,  # model input length
@@ -48,12 +48,6 @@ class Copy(Task):
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
         return 2 * cfg['num_tokens'] + cfg['dependency_length'] + 1
-
-    @property
-    def spec(self) -> TaskSpec:
-        n = self.cfg['seq_len']
-        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
-                        num_outputs=self.vocab_size, pad_id=PAD, bos_id=BOS)
 
     def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg

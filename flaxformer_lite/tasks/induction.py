@@ -19,13 +19,13 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec
+from flaxformer_lite.tasks.base import LMTask
 from flaxformer_lite.tasks.common import BOS, PAD, check_ints, check_seq_len, lm_example
 
 _FIRST = 2
 
 
-class Induction(Task):
+class Induction(LMTask):
     name = 'induction'
     DEFAULTS = dict(
         seq_len=64,  # model input length
@@ -44,12 +44,6 @@ class Induction(Task):
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
         return cfg['dependency_length'] + 2  # <s>, then the first occurrence
-
-    @property
-    def spec(self) -> TaskSpec:
-        n = self.cfg['seq_len']
-        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
-                        num_outputs=self.vocab_size, pad_id=PAD, bos_id=BOS)
 
     def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg

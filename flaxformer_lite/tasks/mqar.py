@@ -21,13 +21,12 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec, require
-from flaxformer_lite.tasks.common import BOS, PAD, check_ints, check_seq_len, gumbel_topk, lm_example
+from flaxformer_lite.tasks.base import require
+from flaxformer_lite.tasks.common import BOS, check_ints, check_seq_len, gumbel_topk, lm_example
+from flaxformer_lite.tasks.recall import KeyValueTask
 
-_FIRST = 2
 
-
-class MQAR(Task):
+class MQAR(KeyValueTask):
     name = 'mqar'
     DEFAULTS = dict(
         seq_len=128,  # model input length (Zoology: 64-512)
@@ -53,10 +52,7 @@ class MQAR(Task):
         check_seq_len(c, self.min_seq_len(c),
                       f"{c['num_pairs']} pairs, a gap of dependency_length={c['dependency_length']} "
                       f"and {c['num_pairs']} query slots")
-        self.keys0 = _FIRST
-        self.values0 = self.keys0 + c['num_keys']
-        self.noise0 = self.values0 + c['num_values']
-        self.vocab_size = self.noise0 + c['num_noise']
+        self._layout(c['num_keys'], c['num_values'], c['num_noise'])
         self.space = (c['seq_len'] - 2 * c['num_pairs'] - c['dependency_length']) // 2
         g = np.arange(1, self.space + 1, dtype=np.float64)
         self.log_p = (float(c['power_a']) - 1.0) * np.log(g)
@@ -64,12 +60,6 @@ class MQAR(Task):
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
         return 4 * cfg['num_pairs'] + cfg['dependency_length']
-
-    @property
-    def spec(self) -> TaskSpec:
-        n = self.cfg['seq_len']
-        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
-                        num_outputs=self.vocab_size, pad_id=PAD, bos_id=BOS)
 
     def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg
@@ -85,24 +75,3 @@ class MQAR(Task):
         tokens[slots] = keys[asked]
         tokens[slots + 1] = values[asked]
         return lm_example(tokens, slots)
-
-    def _name(self, token: int) -> str:
-        if token == BOS:
-            return '^'
-        if token == PAD:
-            return '_'
-        if token < self.values0:
-            return f'k{token - self.keys0}'
-        if token < self.noise0:
-            return f'v{token - self.values0}'
-        return '.'
-
-    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        inputs = ' '.join(self._name(t) for t in example['inputs'])
-        where = np.nonzero(example['weights'])[0]
-        answers = ' '.join(f"{self._name(example['inputs'][i])}->{self._name(example['targets'][i])}"
-                           for i in where)
-        return inputs, answers
-
-    def chance(self) -> dict[str, float]:
-        return {'accuracy': 1.0 / self.cfg['num_values']}

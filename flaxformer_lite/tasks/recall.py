@@ -16,13 +16,45 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec, require
+from flaxformer_lite.tasks.base import LMTask, require
+from flaxformer_lite.tasks.common import BOS, PAD
 
-PAD, BOS = 0, 1
 _FIRST = 2  # first non-special token id
 
 
-class Recall(Task):
+class KeyValueTask(LMTask):
+    """Vocabulary, display and chance shared by the associative-recall tasks:
+    specials, then keys, values and noise tokens. Chance: 1 / num_values."""
+
+    def _layout(self, num_keys: int, num_values: int, num_noise: int) -> None:
+        self.keys0 = _FIRST
+        self.values0 = self.keys0 + num_keys
+        self.noise0 = self.values0 + num_values
+        self.vocab_size = self.noise0 + num_noise
+
+    def _name(self, token: int) -> str:
+        if token == BOS:
+            return '^'
+        if token == PAD:
+            return '_'
+        if token < self.values0:
+            return f'k{token - self.keys0}'
+        if token < self.noise0:
+            return f'v{token - self.values0}'
+        return '.'
+
+    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
+        inputs = ' '.join(self._name(t) for t in example['inputs'])
+        where = np.nonzero(example['weights'])[0]
+        answers = ' '.join(f"{self._name(example['inputs'][i])}->{self._name(example['targets'][i])}"
+                           for i in where)
+        return inputs, answers
+
+    def chance(self) -> dict[str, float]:
+        return {'accuracy': 1.0 / self.cfg['num_values']}
+
+
+class Recall(KeyValueTask):
     name = 'recall'
     DEFAULTS = dict(
         seq_len=64,  # model input length
@@ -50,20 +82,11 @@ class Recall(Task):
                 f"seq_len={c['seq_len']} cannot hold {c['num_pairs']} pairs, a gap of "
                 f"dependency_length={c['dependency_length']} and {c['num_queries']} queries; "
                 f"use task.seq_len>={need} or a shorter task.dependency_length")
-        self.keys0 = _FIRST
-        self.values0 = self.keys0 + c['num_keys']
-        self.noise0 = self.values0 + c['num_values']
-        self.vocab_size = self.noise0 + c['num_noise']
+        self._layout(c['num_keys'], c['num_values'], c['num_noise'])
 
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
         return 2 * cfg['num_pairs'] + cfg['dependency_length'] + 2 * cfg['num_queries'] - 1
-
-    @property
-    def spec(self) -> TaskSpec:
-        n = self.cfg['seq_len']
-        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
-                        num_outputs=self.vocab_size, pad_id=PAD, bos_id=BOS)
 
     def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg
@@ -83,24 +106,3 @@ class Recall(Task):
         weights[first_query:first_query + 2 * q:2] = 1.0  # targets[i] = tokens[i + 1]
         return dict(inputs=tokens[:-1].astype(np.int32), targets=tokens[1:].astype(np.int32),
                     weights=weights)
-
-    def _name(self, token: int) -> str:
-        if token == BOS:
-            return '^'
-        if token == PAD:
-            return '_'
-        if token < self.values0:
-            return f'k{token - self.keys0}'
-        if token < self.noise0:
-            return f'v{token - self.values0}'
-        return '.'
-
-    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        inputs = ' '.join(self._name(t) for t in example['inputs'])
-        where = np.nonzero(example['weights'])[0]
-        answers = ' '.join(f"{self._name(example['inputs'][i])}->{self._name(example['targets'][i])}"
-                           for i in where)
-        return inputs, answers
-
-    def chance(self) -> dict[str, float]:
-        return {'accuracy': 1.0 / self.cfg['num_values']}

@@ -18,14 +18,14 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec, require
+from flaxformer_lite.tasks.base import LMTask, require
 from flaxformer_lite.tasks.common import BOS, PAD, check_ints, check_seq_len, lm_example
 
 NOISE, DELIM = 2, 3
 _FIRST = 4  # first data symbol
 
 
-class SelectiveCopy(Task):
+class SelectiveCopy(LMTask):
     name = 'selective_copy'
     DEFAULTS = dict(
         seq_len=96,  # model input length
@@ -49,12 +49,6 @@ class SelectiveCopy(Task):
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
         return cfg['dependency_length'] + cfg['num_tokens'] + 1
-
-    @property
-    def spec(self) -> TaskSpec:
-        n = self.cfg['seq_len']
-        return TaskSpec(kind='lm', vocab_size=self.vocab_size, input_len=n, target_len=n,
-                        num_outputs=self.vocab_size, pad_id=PAD, bos_id=BOS)
 
     def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg
