@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if result.get('status') == 'interrupted':
-        return 130
+        return 128 + int(result['signal'])  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
 
 

@@ -122,6 +122,7 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         data=-1,  # -1: the devices left over by the other axes
         fsdp=1,
         tensor=1,
+        num_devices=-1,  # use the first N devices (-1: all of them)
         rules='auto',  # auto | dp | fsdp | tp | fsdp_tp: logical axis name -> mesh axes
         custom_rules=placeholder(tuple),  # ((logical_name, mesh_axis_or_None), ...) applied on top
     ))

@@ -61,6 +61,14 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int,
 
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    wanted = int(mesh_cfg.get('num_devices', -1))
+    if wanted != -1:
+        if not 1 <= wanted <= len(devices):
+            raise ConfigError(f'mesh.num_devices={wanted}: there are {len(devices)} devices; use 1..{len(devices)} '
+                              f'or -1 for all')
+        if jax.process_count() > 1 and wanted != len(devices):
+            raise ConfigError('mesh.num_devices must be -1 (all devices) when running on several processes')
+        devices = devices[:wanted]
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
@@ -91,24 +99,43 @@ def logical_rules(mesh_cfg: Mapping[str, Any], shape: Sequence[int]) -> tuple[tu
     return tuple(custom + preset)
 
 
-def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
-    """NamedShardings for a tree of (abstract) `nn.Partitioned` values."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+# Logical axes whose dimension may be replicated instead when it does not split evenly:
+# vocabularies of these tasks are small and rarely a multiple of the tensor axis.
+REPLICATE_IF_UNEVEN = ('vocab',)
 
 
-def check_divisible(abstract_params: Any, shardings: Any, mesh_cfg_name: str = 'mesh') -> None:
-    """Every sharded dimension must split evenly over its mesh axes (fail before compiling)."""
-    for path, leaf, sharding in zip(*_paths_leaves(abstract_params), jax.tree.leaves(shardings)):
-        spec = sharding.spec
-        for dim, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+def param_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules) -> tuple[Any, list[str]]:
+    """NamedShardings for a tree of (abstract) `nn.Partitioned` parameters, checked to
+    split evenly (ConfigError otherwise, before anything compiles). Returns notes on
+    dimensions replicated because they do not split (only REPLICATE_IF_UNEVEN axes)."""
+    logical = nn.get_partition_spec(boxed_tree)
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+    notes: list[str] = []
+    flat_boxed = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    flat_sh, treedef = jax.tree.flatten(shardings)
+    fixed = []
+    for (path, box), sharding in zip(flat_boxed, flat_sh):
+        shape = box.value.shape if isinstance(box, nn.Partitioned) else box.shape
+        names = box.names if isinstance(box, nn.Partitioned) else (None,) * len(shape)
+        spec = list(tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec)))
+        for i, (dim, axes) in enumerate(zip(shape, spec)):
             if axes is None:
                 continue
-            axes = axes if isinstance(axes, tuple) else (axes,)
-            n = math.prod(sharding.mesh.shape[a] for a in axes)
-            if dim % n:
-                raise ConfigError(
-                    f"{mesh_cfg_name}: parameter {path} has a dimension of {dim}, which does not split over "
-                    f"mesh axes {'*'.join(axes)} of size {n}; change mesh.{axes[0]} or the model width/heads")
+            axes_t = axes if isinstance(axes, tuple) else (axes,)
+            n = math.prod(mesh.shape[a] for a in axes_t)
+            if dim % n == 0:
+                continue
+            where = jax.tree_util.keystr(path)
+            if names[i] in REPLICATE_IF_UNEVEN:
+                spec[i] = None
+                notes.append(f'{where} dimension {i} ({names[i]}={dim}) does not split over {"*".join(axes_t)}={n}: '
+                             f'replicated')
+                continue
+            raise ConfigError(
+                f"mesh.{axes_t[0]}: parameter {where} has a {names[i]} dimension of {dim}, which does not split over "
+                f"mesh axes {'*'.join(axes_t)} of size {n}; change mesh.{axes_t[0]} or the model's width/heads")
+        fixed.append(NamedSharding(mesh, P(*spec)))
+    return jax.tree.unflatten(treedef, fixed), notes
 
 
 def _paths_leaves(tree):

@@ -109,3 +109,32 @@ def test_foreign_or_file_workdir_is_refused(tmp_path):
     with pytest.raises(UserError, match='is a file'):
         _train(tiny_config(), str(afile))
     assert afile.read_text() == 'x'
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+    workdir = tmp_path / 'run'
+
+    def command(steps):
+        return [sys.executable, '-u', 'launch.py', '--config=configs/recall.py:quick', f'--workdir={workdir}',
+                f'--config.train.steps={steps}', '--config.train.log_every=1', '--config.eval.every_steps=400',
+                '--config.checkpoint.every_steps=400', '--config.eval.num_examples=16', '--config.model.size=tiny',
+                '--config.model.d_model=32']
+
+    proc = subprocess.Popen(command(400), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith('step 5/'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, rest
+    assert 'checkpoint saved' in rest
+    (saved,) = os.listdir(workdir / 'checkpoints')
+    assert 5 <= int(saved) < 400
+    done = subprocess.run(command(int(saved) + 3), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f'resumed from step {saved}' in done.stderr
+    assert max(read_scalars(str(workdir))['train/loss']) == int(saved) + 3

@@ -41,6 +41,7 @@ class Setup:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     init_fn: Any
     batch_sharding: Any
+    notes: list[str]  # layout decisions worth a line at start-up
 
 
 def build(exp: Experiment) -> Setup:
@@ -70,14 +71,14 @@ def build(exp: Experiment) -> Setup:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_params)
-        param_sh = parallel.logical_shardings(boxed, mesh, rules)
+        param_sh, notes = parallel.param_shardings(boxed, mesh, rules)
         abstract = jax.eval_shape(init_fn)
-    parallel.check_divisible(abstract.params, param_sh)
     opt_sh = parallel.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
     state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Setup(mesh=mesh, rules=rules, rules_name=rules_name, model=model, tx=tx, lr=lr, state_shardings=state_sh,
-                 abstract_state=abstract, init_fn=init_fn, batch_sharding=parallel.batch_sharding(mesh))
+                 abstract_state=abstract, init_fn=init_fn, batch_sharding=parallel.batch_sharding(mesh),
+                 notes=notes)
 
 
 class _StopFlag:
@@ -105,13 +106,15 @@ class _StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (all processes must agree to save)."""
-        local = self.signal is not None
+    def requested(self, step: int, every: int) -> bool:
+        """Whether to stop after `step`. One process checks every step; several agree on
+        it every `every` steps (a collective), since all of them must save together."""
         if jax.process_count() == 1:
-            return local
+            return self.signal is not None
+        if step % every:
+            return False
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
 
 
 class Evaluator:
@@ -195,6 +198,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True) -
             state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
         progress.start = start
         progress.message(parallel.describe_layout(setup.mesh, setup.rules_name, state.params, state.opt_state))
+        for note in setup.notes:
+            progress.message('  ' + note)
         writer = tracking.Writer(workdir) if chief else tracking.NullWriter()
         counts = accounting.summary(exp)
         if start == 0:
@@ -262,12 +267,12 @@ def _loop(exp, setup, state, start, train_it, evaluator, ckpt, writer, progress,
                 writer.flush()
             if step % cfg.checkpoint.every_steps == 0 or is_last:
                 ckpt.save(step, state, train_it, cfg.to_dict())
-            if step % cfg.train.log_every == 0 and stop.agreed():
+            if not is_last and stop.requested(step, cfg.train.log_every):
                 if step % cfg.checkpoint.every_steps:
                     ckpt.save(step, state, train_it, cfg.to_dict())
-                progress.message(f'stopped at step {step} (signal {stop.signal}); checkpoint saved, run the same '
-                                 f'command to resume')
-                result['status'] = INTERRUPTED
+                progress.message(f'stopped at step {step} by a signal; checkpoint saved, run the same command to '
+                                 f'resume')
+                result.update(status=INTERRUPTED, signal=stop.signal or signal.SIGTERM)
                 return result
     result['status'] = 'done'
     return result
