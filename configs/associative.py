@@ -14,6 +14,7 @@ def get_config(arg=None):
     return make_config(
         arg, task='mqar',
         defaults={'train.steps': 10000, 'train.batch_size': 64},
-        quick={'task.seq_len': 64, 'task.num_pairs': 4, 'task.dependency_length': 8,
-               'train.steps': 1500, 'train.batch_size': 32, 'eval.every_steps': 500,
-               'checkpoint.every_steps': 500})
+        quick={'train.steps': 1500, 'train.batch_size': 32, 'eval.every_steps': 500,
+               'checkpoint.every_steps': 500,
+               'mqar': {'task.seq_len': 64, 'task.num_pairs': 4, 'task.dependency_length': 8},
+               'induction': {'task.seq_len': 32, 'task.dependency_length': 16}})

@@ -164,16 +164,23 @@ def make_config(arg: str | None, *, task: str, defaults: Mapping[str, Any] | Non
                 quick: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """The config of one experiment: base defaults, then `defaults`, then the arg string.
 
-    The arg string takes `model=NAME`, `size=NAME`, `quick` (apply `quick`: a run small
-    enough for a 2-core CPU) and any dotted field, e.g. `train.steps=300`.
+    The arg string takes `model=NAME`, `size=NAME`, `task=NAME`, `quick` (apply `quick`: a
+    run small enough for a 2-core CPU; a value that is itself a dict holds the fields of
+    the task it is named after) and any dotted field, e.g. `train.steps=300`.
     """
     args = parse_arg(arg)
-    cfg = base_config(args.pop('task', task))
+    task = args.pop('task', task)
+    cfg = base_config(task)
     for key, value in (defaults or {}).items():
         set_field(cfg, key, value)
     if args.pop('quick', False):
         for key, value in (quick or {}).items():
-            set_field(cfg, key, value)
+            if isinstance(value, Mapping):  # {task name: its own quick fields}, for multi-task files
+                if key == task:
+                    for sub_key, sub_value in value.items():
+                        set_field(cfg, sub_key, sub_value)
+            else:
+                set_field(cfg, key, value)
     for key, value in args.items():
         if key in ('model', 'size'):
             key = f'model.{"name" if key == "model" else "size"}'

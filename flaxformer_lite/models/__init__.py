@@ -11,11 +11,12 @@ import difflib
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models.family import ModelFamily, StepFns
+from flaxformer_lite.models.recurrent_family import GRU, LSTM, RNN
 from flaxformer_lite.models.transformer_family import TRANSFORMER
 
 REGISTRY: dict[str, ModelFamily] = {
     family.name: family for family in (
-        TRANSFORMER,
+        TRANSFORMER, RNN, LSTM, GRU,
     )
 }
 
