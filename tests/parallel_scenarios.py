@@ -37,6 +37,8 @@ def losses(workdir):
 
 def main(outdir: str, model: str) -> dict:
     out = {}
+    if model != 'transformer':  # a width that splits over tensor=2 and fsdp=8
+        RUN['model__hidden'] = 32
     for name, mesh in MESHES.items():
         workdir = os.path.join(outdir, name)
         train_and_evaluate(experiment.resolve(tiny_config(model=model, **RUN, **mesh)), workdir, verbose=False)
@@ -53,7 +55,8 @@ def main(outdir: str, model: str) -> dict:
     out['straight'] = losses(straight)
     # Bytes of parameters on each device under FSDP over 8 devices vs one device.
     for name in ('one', 'fsdp'):
-        exp = experiment.resolve(tiny_config(model=model, model__d_model=64, model__d_ff=128, **MESHES[name]))
+        wider = dict(model__d_model=64, model__d_ff=128) if model == 'transformer' else dict(model__hidden=64)
+        exp = experiment.resolve(tiny_config(model=model, **wider, **MESHES[name]))
         setup = loop.build(exp)
         with jax.set_mesh(setup.mesh):
             state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
@@ -61,5 +64,33 @@ def main(outdir: str, model: str) -> dict:
     return out
 
 
+def gradient_error(model: str, mesh: dict) -> float:
+    """Largest difference between the gradients on one device and on `mesh`, relative
+    to the largest gradient (the same parameters and batch on both)."""
+    import flax.linen as nn
+    import numpy as np
+    from flaxformer_lite import data
+    from flaxformer_lite.train import losses
+    grads = []
+    for layout in (MESHES['one'], mesh):
+        extra = {} if model == 'transformer' else {'model__hidden': 32}
+        exp = experiment.resolve(tiny_config(model=model, **extra, **layout))
+        setup = loop.build(exp)
+        batch = next(data.train_iterator(exp.task, batch_size=exp.config.train.batch_size, seed=0))
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+            batch = data.to_global(batch, setup.batch_sharding)
+
+            def loss(params):
+                return losses.metric_sums(setup.model.apply({'params': params}, batch), batch, exp.spec.kind)[0]
+            grads.append(jax.device_get(jax.jit(jax.grad(loss))(state.params)))
+    one, other = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in grads)
+    return float(np.abs(one - other).max() / np.abs(one).max())
+
+
 if __name__ == '__main__':
-    print(json.dumps(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else 'transformer')))
+    model = sys.argv[2] if len(sys.argv) > 2 else 'transformer'
+    result = main(sys.argv[1], model)
+    for other in (['rnn', 'gru'] if model == 'lstm' else []) + [model]:
+        result[f'gradient_error_{other}'] = gradient_error(other, MESHES['fsdp_tp'])
+    print(json.dumps(result))

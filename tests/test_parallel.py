@@ -24,29 +24,36 @@ def _scenarios(tmp_path, model):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope='module')
-def transformer_runs(tmp_path_factory):
-    return _scenarios(tmp_path_factory.mktemp('transformer'), 'transformer')
+@pytest.fixture(scope='module', params=['transformer', 'lstm'])
+def runs(request, tmp_path_factory):
+    return _scenarios(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.mark.parametrize('preset', ['dp', 'fsdp', 'tp', 'fsdp_tp'])
-def test_every_preset_matches_one_device(transformer_runs, preset):
-    one, other = transformer_runs['one'], transformer_runs[preset]
+def test_every_preset_matches_one_device(runs, preset):
+    one, other = runs['one'], runs[preset]
     assert one.keys() == other.keys() and len(one) == 5
     for step in one:
         assert other[step] == pytest.approx(one[step], rel=2e-6, abs=2e-6), (preset, step)
 
 
-def test_fsdp_puts_an_eighth_of_the_parameters_on_each_device(transformer_runs):
-    (whole,) = transformer_runs['bytes_one'].values()
-    shards = transformer_runs['bytes_fsdp']
+def test_fsdp_puts_an_eighth_of_the_parameters_on_each_device(runs):
+    (whole,) = runs['bytes_one'].values()
+    shards = runs['bytes_fsdp']
     assert len(shards) == 8
     for nbytes in shards.values():
-        assert whole / 8 <= nbytes < 1.15 * whole / 8  # biases over 'mlp' stay whole
+        assert whole / 8 <= nbytes < 1.15 * whole / 8  # vectors over 'mlp' stay whole
 
 
-def test_checkpoint_from_fsdp_tp_continues_under_dp(transformer_runs):
-    switched, straight = transformer_runs['switched'], transformer_runs['straight']
+def test_gradients_on_a_three_axis_mesh_equal_one_device(runs):
+    errors = {k: v for k, v in runs.items() if k.startswith('gradient_error_')}
+    assert len(errors) in (1, 3)  # the model; with the LSTM also the RNN and GRU
+    for name, error in errors.items():
+        assert error < 1e-5, (name, error)
+
+
+def test_checkpoint_from_fsdp_tp_continues_under_dp(runs):
+    switched, straight = runs['switched'], runs['straight']
     assert len(switched) == len(straight) == 10
     for step in straight:
         assert switched[step] == pytest.approx(straight[step], rel=2e-6, abs=2e-6), step

@@ -7,6 +7,7 @@ device mesh is decided by rules in the config (`parallel.py`), never here. Weigh
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -55,7 +56,11 @@ class Dense(nn.Module):
                                                 out_axis=tuple(range(n_in, n_in + len(features))))
         kernel = self.param('kernel', partitioned(init, self.kernel_axes),
                             tuple(x.shape[a] for a in axis) + features, jnp.float32)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(n_in))))
+        # As one 2-D product: XLA:CPU computes the weight gradient of a dot over a 3-D
+        # activation several times slower than over the same data flattened.
+        lead, fan_in = x.shape[:x.ndim - n_in], math.prod(kernel.shape[:n_in])
+        y = jnp.dot(x.reshape(-1, fan_in).astype(self.dtype), kernel.reshape(fan_in, -1).astype(self.dtype))
+        y = y.reshape(lead + features)
         if self.use_bias:
             bias = self.param('bias', partitioned(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
                               features, jnp.float32)

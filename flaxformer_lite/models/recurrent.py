@@ -107,7 +107,11 @@ class RecurrentStack(nn.Module):
                 y, final = jnp.concatenate([y, y_back], axis=-1), (final, final_back)
             if x_TBD is not None and self._residual(i, x_TBD.shape[-1]):
                 y = y + x_TBD.astype(y.dtype)
-            x_TBD = self.drop(constrain(y, ('act_length', 'act_batch', 'act_mlp')), deterministic=deterministic)
+            # No sharding constraint on y: with weights over 'fsdp', pinning these time-major
+            # states to ('act_length', 'act_batch', 'act_mlp') made XLA's SPMD partitioner
+            # (jaxlib 0.10.2) return wrong gradients on a data x fsdp x tensor mesh
+            # (tests/test_parallel.py checks every recurrent cell there).
+            x_TBD = self.drop(y, deterministic=deterministic)
             finals.append(final)
         return x_TBD, finals
 
