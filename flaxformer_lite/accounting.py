@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import models
+from flaxformer_lite.models import recurrent_family
 from flaxformer_lite.experiment import Experiment
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor datasheets).
@@ -49,16 +49,13 @@ def summary(exp: Experiment) -> dict[str, float]:
                 flops_per_token=flops / tokens, tokens_per_example=tokens)
 
 
-def matched_transformer(exp: Experiment) -> dict[str, int] | None:
-    """For a non-Transformer model: counts of the Transformer of the same size row on the
-    same task (the model parameter matching aims at)."""
+def matched_transformer(exp: Experiment) -> int | None:
+    """For a recurrent model: non-embedding parameters of the Transformer of the same size
+    row and task shape, the count its width was matched to."""
     if exp.family.name == 'transformer':
         return None
-    family = models.get('transformer')
-    base = config_lib.base_config(exp.task.name).model.to_dict()
-    base.update(size=exp.config.model.size, max_len=exp.model_cfg['max_len'])
-    resolved = family.resolve(base, config_lib.SIZES[exp.config.model.size], exp.spec)
-    return family.count_params(resolved, exp.spec)
+    return recurrent_family.matched_transformer_params(exp.config.model.to_dict(),
+                                                       config_lib.SIZES[exp.config.model.size], exp.spec)
 
 
 def mfu(flops_per_example: float, examples_per_sec: float, num_devices: int) -> float | None:
@@ -78,8 +75,8 @@ def describe(exp: Experiment) -> str:
     ]
     matched = matched_transformer(exp)
     if matched is not None:
-        ratio = s['params_non_embedding'] / max(matched['non_embedding'], 1)
-        lines.append(f'matched Transformer ({exp.config.model.size}): non-embedding {matched["non_embedding"]:,} '
-                     f'(this model: {ratio:.3f}x)')
+        ratio = s['params_non_embedding'] / max(matched, 1)
+        lines.append(f'matched Transformer ({exp.config.model.size}): non-embedding {matched:,} '
+                     f'(this model: {ratio:.3f}x, width model.hidden={exp.model_cfg["hidden"]})')
     lines.append('chance: ' + ', '.join(f'{k} {v:.4g}' for k, v in exp.task.chance().items()))
     return '\n'.join(lines)

@@ -13,9 +13,34 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
+from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.tasks.base import TaskSpec
 
 ModelCfg = Mapping[str, Any]
+
+# The model shape each kind of task needs; `model.arch=auto` picks it.
+ARCH_FOR_KIND = {'lm': 'decoder_only', 'seq2seq': 'encoder_decoder', 'classify': 'encoder_classifier',
+                 'regress': 'encoder_classifier'}
+
+
+def fill(model: Mapping[str, Any], defaults: Mapping[str, Any], size: Mapping[str, Any],
+         choices: Mapping[str, tuple], spec: TaskSpec) -> dict[str, Any]:
+    """The steps every family's `resolve` starts with: unset fields take the family's
+    defaults and the size row's values, named choices are checked, and `arch=auto`
+    becomes the shape the task needs (any other shape must be that one)."""
+    m = dict(model)
+    for key, value in {**defaults, **size}.items():
+        if m.get(key) is None:
+            m[key] = value
+    for key, allowed in choices.items():
+        if m[key] not in allowed:
+            raise ConfigError(f"model.{key}: '{m[key]}' is not one of {', '.join(allowed)}")
+    needed = ARCH_FOR_KIND[spec.kind]
+    if m['arch'] == 'auto':
+        m['arch'] = needed
+    elif m['arch'] != needed:
+        raise ConfigError(f"model.arch: {m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto ({needed})")
+    return m
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,13 +9,13 @@ from typing import Any, Callable, Mapping
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models import transformer_family
-from flaxformer_lite.models.family import ModelFamily, StepFns
+from flaxformer_lite.models import family
+from flaxformer_lite.models.family import ARCH_FOR_KIND, ModelFamily, StepFns
 from flaxformer_lite.models.recurrent import (RecurrentClassifier, RecurrentConfig, RecurrentLM,
                                               RecurrentSeq2Seq)
 from flaxformer_lite.models.recurrent_cells import CARRY_SIZE, cell_param_count
 from flaxformer_lite.tasks.base import TaskSpec
 
-ARCH_FOR_KIND = transformer_family.ARCH_FOR_KIND
 DEFAULTS = dict(dropout=0.0, pooling='mean', bidirectional=False, residual=False, rnn_attention='none',
                 unroll=1, share_embeddings=True, scale_embeddings=True, dtype='float32', arch='auto',
                 encoder_layers=None, hidden=None)
@@ -68,23 +68,12 @@ def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: Tas
     and, when `model.hidden` is unset, the width matched to the Transformer of the same
     size (`matched_transformer_params`); depth is the row's `num_layers`. Adds no keys:
     the cell is the family's (bound by `_family`). Raises ConfigError naming the field."""
-    m = dict(model)
-    for key, value in {**DEFAULTS, **size}.items():
-        if m.get(key) is None:
-            m[key] = value
+    m = family.fill(model, DEFAULTS, size, CHOICES, spec)
     if m['num_layers'] is None or m['num_layers'] < 1:
         _fail('num_layers', 'must be a positive integer')
     m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
     if m['encoder_layers'] < 1:
         _fail('encoder_layers', 'must be a positive integer (or unset: model.num_layers)')
-    for key, allowed in CHOICES.items():
-        if m[key] not in allowed:
-            _fail(key, f"'{m[key]}' is not one of {', '.join(allowed)}")
-    if m['arch'] == 'auto':
-        m['arch'] = ARCH_FOR_KIND[spec.kind]
-    elif m['arch'] != ARCH_FOR_KIND[spec.kind]:
-        _fail('arch', f"{m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto "
-                      f"({ARCH_FOR_KIND[spec.kind]})")
     if m['bidirectional'] and spec.kind == 'lm':
         _fail('bidirectional', "a language model must not read the future; set it to false "
                                "(bidirectional is for classifier and seq2seq encoders)")

@@ -11,13 +11,12 @@ import jax.numpy as jnp
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models.attention import IMPLEMENTATIONS
 from flaxformer_lite.models.embeddings import POSITION_KINDS
+from flaxformer_lite.models import family
 from flaxformer_lite.models.family import ModelFamily, StepFns
 from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder,
                                                  TransformerConfig)
 from flaxformer_lite.tasks.base import TaskSpec
 
-ARCH_FOR_KIND = {'lm': 'decoder_only', 'seq2seq': 'encoder_decoder', 'classify': 'encoder_classifier',
-                 'regress': 'encoder_classifier'}
 DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
 CHOICES = dict(pos_encoding=POSITION_KINDS, attention_impl=IMPLEMENTATIONS, ffn=('relu', 'gelu', 'swiglu'),
                norm=('layernorm', 'rmsnorm'), norm_position=('pre', 'post'), pooling=('mean', 'first', 'last'),
@@ -29,10 +28,7 @@ def _fail(field: str, message: str):
 
 
 def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
-    m = dict(model)
-    for key, value in {**DEFAULTS, **size}.items():
-        if m.get(key) is None:
-            m[key] = value
+    m = family.fill(model, DEFAULTS, size, CHOICES, spec)
     for key in ('num_layers', 'd_model', 'num_heads', 'd_ff'):
         if m[key] is None or m[key] < 1:
             _fail(key, 'must be a positive integer')
@@ -40,14 +36,6 @@ def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> d
     m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
     if m['max_len'] is None:
         m['max_len'] = max(spec.input_len, spec.target_len)
-    for key, allowed in CHOICES.items():
-        if m[key] not in allowed:
-            _fail(key, f"'{m[key]}' is not one of {', '.join(allowed)}")
-    if m['arch'] == 'auto':
-        m['arch'] = ARCH_FOR_KIND[spec.kind]
-    elif m['arch'] != ARCH_FOR_KIND[spec.kind]:
-        _fail('arch', f"{m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto "
-                      f"({ARCH_FOR_KIND[spec.kind]})")
     if m['d_model'] % m['num_heads']:
         _fail('d_model', f"{m['d_model']} is not divisible by model.num_heads={m['num_heads']}; "
                          f"pick a width that is a multiple of the head count")
