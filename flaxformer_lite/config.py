@@ -4,6 +4,7 @@ Every run is described by one locked `ml_collections.ConfigDict`. Config files i
 `configs/` call `make_config(arg, task=...)`; the command line changes single fields
 with `--config.a.b=value` (`set_field`). Anything that cannot work raises
 `ConfigError` with one line naming the field and the fix, before a workdir is touched.
+`load` reads config files and `--config.*` overrides through ml_collections' `config_flags`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import ml_collections
+from absl import flags as absl_flags
+from ml_collections import config_flags
 from ml_collections.config_dict import placeholder
 
 from flaxformer_lite import tasks
@@ -229,6 +233,8 @@ def _coerce(dotted: str, raw: Any, kind: type | None) -> Any:
         if kind is str:
             return text
         if kind in (tuple, list):
+            if text[:1] not in '([{' and not text[:1].isdigit() and text[:1] not in '\'"-':
+                return kind((text,))  # a bare word or glob: a 1-tuple, as config_flags reads it
             value = ast.literal_eval(text)
             if not isinstance(value, (tuple, list)):
                 value = (value,)
@@ -267,24 +273,49 @@ def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any) -> None:
         raise ConfigError(f'config field {dotted}={raw!r}: {e}') from None
 
 
+def _module(path: str):
+    module_spec = importlib.util.spec_from_file_location(f'_flaxformer_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f"--config: '{path}' defines no get_config(arg)")
+    return module
+
+
 def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigDict:
-    """`FILE.py[:ARG]` -> `get_config(ARG)` from FILE, then `--config.a.b=v` overrides."""
+    """`FILE.py[:ARG]` -> `get_config(ARG)` from FILE, then `--config.a.b=v` overrides.
+
+    ml_collections' `config_flags` does the loading and parses the overrides (with the
+    type of each field), on a private `FlagValues` so that other absl flags never mix in.
+    When it refuses, the same file and overrides go through `set_field`, whose errors
+    name the field and the closest valid one; config_flags' own message is the fallback.
+    """
     path, _, arg = spec.partition(':')
     if not path.endswith('.py'):
         raise ConfigError(f"--config={spec}: expected a Python file, e.g. --config=configs/recall.py:model=lstm")
     if not os.path.isfile(path):
         raise ConfigError(f"--config: config file '{path}' does not exist; see configs/ for the "
                           f"available ones")
-    module_spec = importlib.util.spec_from_file_location(
-        f'_flaxformer_config_{abs(hash(path))}', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
-        raise ConfigError(f"--config: '{path}' defines no get_config(arg)")
-    cfg = module.get_config(arg or None)
-    for dotted, raw in dict(overrides).items():
-        set_field(cfg, dotted, raw)
-    return cfg
+    _module(path)  # a file without get_config is named as such, before config_flags calls it
+    overrides = dict(overrides)
+    argv = ['launch.py', f'--config={spec}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+    flag_values = absl_flags.FlagValues()
+    holder = config_flags.DEFINE_config_file('config', None, 'the experiment', flag_values=flag_values,
+                                             lock_config=True, sys_argv=argv)  # overrides come from argv
+    try:
+        flag_values(argv)
+        return holder.value
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- absl / ml_collections raise many kinds; each becomes one line
+        cfg = _module(path).get_config(arg or None)
+        for dotted, raw in overrides.items():
+            set_field(cfg, dotted, raw)  # raises the precise error where it can
+        line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+        field = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', line)
+        if field:  # "flag --config.a.b=v: why" -> the house form
+            raise ConfigError(f'config field {field[1]}={field[2]!r}: {field[3]}') from None
+        raise ConfigError(f'--config: {line}') from None
 
 
 def check(cfg: ml_collections.ConfigDict) -> None:

@@ -30,6 +30,33 @@ def test_config_file_arg_and_overrides():
     assert quick.task.seq_len < full.task.seq_len and quick.train.steps != full.train.steps
 
 
+def test_overrides_go_through_config_flags_and_agree_with_set_field(monkeypatch):
+    """`load` is ml_collections' config_flags: patch its parser out and `load` breaks;
+    for overrides both readers accept, the result equals applying `set_field`."""
+    spec = os.path.join(ROOT, 'configs/listops.py') + ':model=gru,quick'
+    overrides = {'model.hidden': '48', 'model.dropout': '0.1', 'mesh.custom_rules': "(('mlp', 'fsdp'),)",
+                 'task.files': '/data/lra/*.tsv', 'eval.dependency_lengths': '64', 'train.seed': '3'}
+    cfg = config_lib.load(spec, overrides)
+    by_hand = config_lib._module(spec.partition(':')[0]).get_config('model=gru,quick')
+    for key, value in overrides.items():
+        config_lib.set_field(by_hand, key, value)
+    assert cfg.to_dict() == by_hand.to_dict() and cfg.is_locked
+    assert cfg.task.files == ('/data/lra/*.tsv',) and cfg.eval.dependency_lengths == (64,)
+
+    from ml_collections import config_flags
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('config_flags was called')
+    monkeypatch.setattr(config_flags, 'DEFINE_config_file', broken)
+    with pytest.raises(RuntimeError, match='config_flags was called'):
+        config_lib.load(spec)
+
+
+def test_values_config_flags_refuses_are_one_line_naming_the_field():
+    with pytest.raises(ConfigError, match=r"^config field train.steps='1e3': invalid literal"):
+        config_lib.load(os.path.join(ROOT, 'configs/recall.py'), {'train.steps': '1e3'})
+
+
 def test_unknown_key_names_the_closest_field():
     cfg = config_lib.make_config(None, task='recall')
     with pytest.raises(ConfigError, match=r"unknown config field 'train.stepz'; did you mean 'train.steps'\?"):

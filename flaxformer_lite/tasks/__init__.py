@@ -10,6 +10,7 @@ import difflib
 from typing import Any, Mapping
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, split_of
@@ -57,7 +58,10 @@ def _lookup(name: str) -> type[Task]:
 def default_config(name: str) -> ml_collections.ConfigDict:
     """`name`, `seed` (which examples: fixed across training seeds), then the task's knobs."""
     cls = _lookup(name)
-    return ml_collections.ConfigDict(dict(name=name, seed=0, **cls.DEFAULTS))
+    # An unset knob (None, e.g. `files`) is a typed placeholder, so that the command line
+    # can set it: a glob becomes a 1-tuple, '(a,b)' a tuple.
+    knobs = {k: placeholder(tuple) if v is None else v for k, v in cls.DEFAULTS.items()}
+    return ml_collections.ConfigDict(dict(name=name, seed=0, **knobs))
 
 
 def build(cfg: Mapping[str, Any]) -> Task:
