@@ -3,11 +3,15 @@
     python experiments/bench_lstm_vs_torch.py                      # the default sizes
     python experiments/bench_lstm_vs_torch.py --preset=all         # every preset below
     python experiments/bench_lstm_vs_torch.py --hidden=512 --vocab=10000 --seq_len=64
+    python experiments/bench_lstm_vs_torch.py --part=layer_fwd     # one layer's forward pass alone
 
 Both sides train the same model: token embedding [V, H] -> `layers` LSTM layers of width
 H -> output projection [H, V] (+ bias), softmax cross-entropy over every position, Adam,
 on the same batch of random tokens, with the same number of CPU threads. A step is
-forward + backward + optimizer update; tokens/s = batch * seq_len / step time. Timed
+forward + backward + optimizer update; tokens/s = batch * seq_len / step time.
+`--part=layer` times one LSTM layer alone (forward + backward of sum(h * r) on random
+inputs: no embedding, softmax or optimizer), `--part=layer_fwd` its forward pass alone
+(PyTorch under no_grad): where a gap comes from. Timed
 rounds alternate between the two (so that load from other processes hits both alike);
 the ratio is of the medians (the best rounds are printed too). Each side runs in its own
 process (one at a time), so the two runtimes' thread pools never compete.
@@ -47,18 +51,22 @@ def parse() -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=os.cpu_count(),
                    help="PyTorch's intra-op threads (XLA uses every core: keep the default to compare alike)")
     p.add_argument('--unroll', type=int, default=1, help='our scan unroll (model.unroll)')
+    p.add_argument('--part', default='model', choices=('model', 'layer', 'layer_fwd'),
+                   help='model: the whole training step; layer / layer_fwd: one LSTM layer alone')
     p.add_argument('--no_torch', action='store_true')
     p.add_argument('--hugepages', type=int, default=1,
                    help='1: both sides run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the docstring)')
     return p.parse_args()
 
 
-def ours(vocab, hidden, layers, batch, seq_len, unroll, tokens):
+def ours(vocab, hidden, layers, batch, seq_len, unroll, tokens, part='model'):
     """A jitted train step of flaxformer_lite's RecurrentLM and its state."""
     import jax
     import jax.numpy as jnp
     import optax
 
+    if part != 'model':
+        return _our_layer(hidden, batch, seq_len, unroll, part)
     from flaxformer_lite.models.recurrent import RecurrentConfig, RecurrentLM
 
     cfg = RecurrentConfig(cell='lstm', vocab_size=vocab, num_outputs=vocab, num_layers=layers,
@@ -91,12 +99,68 @@ def ours(vocab, hidden, layers, batch, seq_len, unroll, tokens):
     return run
 
 
-def torch_side(vocab, hidden, layers, batch, seq_len, threads, tokens):
+def _layer_inputs(hidden, batch, seq_len):
+    """x [T, B, H] and the cotangent r of the layer's output, the same on both sides."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return tuple(rng.standard_normal((seq_len, batch, hidden)).astype(np.float32) for _ in range(2))
+
+
+def _our_layer(hidden, batch, seq_len, unroll, part):
+    import jax
+    import jax.numpy as jnp
+
+    from flaxformer_lite.models.recurrent_cells import RecurrentLayer
+
+    x, r = (jnp.asarray(a) for a in _layer_inputs(hidden, batch, seq_len))
+    layer = RecurrentLayer(cell='lstm', in_features=hidden, hidden=hidden, unroll=unroll)
+    params = layer.init(jax.random.key(0), x)
+
+    def loss(params, x):
+        return jnp.sum(layer.apply(params, x)[0] * r)
+
+    fn = jax.jit(loss if part == 'layer_fwd' else jax.grad(loss, argnums=(0, 1)))
+
+    def run(n):
+        out = None
+        for _ in range(n):
+            out = fn(params, x)
+        return float(jax.tree.leaves(out)[0].ravel()[0])  # blocks until the last call is done
+
+    return run
+
+
+def _torch_layer(hidden, batch, seq_len, part):
+    import torch
+
+    x, r = (torch.from_numpy(a) for a in _layer_inputs(hidden, batch, seq_len))
+    x.requires_grad_(part == 'layer')
+    lstm = torch.nn.LSTM(hidden, hidden, 1)
+
+    def run(n):
+        out = None
+        for _ in range(n):
+            if part == 'layer_fwd':
+                with torch.no_grad():
+                    out = (lstm(x)[0] * r).sum()
+            else:
+                lstm.zero_grad(set_to_none=True)
+                x.grad = None
+                out = (lstm(x)[0] * r).sum()
+                out.backward()
+        return out.item()
+
+    return run
+
+
+def torch_side(vocab, hidden, layers, batch, seq_len, threads, tokens, part='model'):
     import torch
     from torch import nn
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if part != 'model':
+        return _torch_layer(hidden, batch, seq_len, part)
 
     class LM(nn.Module):
         def __init__(self):
@@ -130,10 +194,10 @@ def _worker(side, sizes, args, tokens, conn):
     """One side in its own process, so that the two runtimes' thread pools (XLA's and
     PyTorch's OpenMP) never compete for the cores: each round runs alone."""
     if side == 'ours':
-        run = ours(*sizes, args.unroll, tokens)
+        run = ours(*sizes, args.unroll, tokens, args.part)
     else:
-        run = torch_side(*sizes, args.threads, tokens)
-    first = (run(1), run(2))  # compile / warm up; both should start near log(vocab)
+        run = torch_side(*sizes, args.threads, tokens, args.part)
+    first = (run(1), run(2))  # compile / warm up; a model starts near log(vocab)
     conn.send(first)
     while (n := conn.recv()) is not None:
         start = time.perf_counter()
@@ -157,7 +221,8 @@ def bench(name, sizes, args) -> float | None:
         except ImportError:
             print('torch is not installed: timing our side only (pip install torch)')
     print(f'\n[{name}] vocab={vocab} hidden={hidden} layers={layers} batch={batch} seq_len={seq_len} '
-          f'threads={args.threads} unroll={args.unroll} steps/round={args.steps} hugepages={args.hugepages}',
+          f'threads={args.threads} unroll={args.unroll} steps/round={args.steps} hugepages={args.hugepages} '
+          f'part={args.part}',
           flush=True)
     if args.hugepages:  # read by glibc at process start: set before the workers are spawned
         os.environ['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=1'
@@ -170,7 +235,8 @@ def bench(name, sizes, args) -> float | None:
         proc = ctx.Process(target=_worker, args=(side, sizes, args, tokens, child), daemon=True)
         proc.start()
         first = parent.recv()
-        print(f'  {labels[side]:24s} first losses: {first[0]:.3f} -> {first[1]:.3f}', flush=True)
+        what = 'first losses' if args.part == 'model' else 'first outputs'
+        print(f'  {labels[side]:24s} {what}: {first[0]:.3f} -> {first[1]:.3f}', flush=True)
         conns[side] = parent
         procs.append(proc)
     rates = {side: [] for side in sides}
