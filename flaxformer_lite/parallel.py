@@ -133,7 +133,8 @@ def param_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules) -> tuple[An
                 continue
             raise ConfigError(
                 f"mesh.{axes_t[0]}: parameter {where} has a {names[i]} dimension of {dim}, which does not split over "
-                f"mesh axes {'*'.join(axes_t)} of size {n}; change mesh.{axes_t[0]} or the model's width/heads")
+                f"mesh axes {'*'.join(axes_t)} of size {n}; change mesh.{axes_t[0]}, or make that width a multiple of "
+                f"{n} (model.d_model, model.num_heads, model.num_kv_heads, model.d_ff; model.hidden for rnn/lstm/gru)")
         fixed.append(NamedSharding(mesh, P(*spec)))
     return jax.tree.unflatten(treedef, fixed), notes
 

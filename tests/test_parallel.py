@@ -112,3 +112,24 @@ def test_custom_rules_take_precedence():
     assert first['vocab'] is None and first['mlp'] == 'fsdp' and first['heads'] == 'tensor'
     with pytest.raises(ConfigError, match="'model' is not a mesh axis"):
         parallel.logical_rules(dict(cfg, custom_rules=(('mlp', 'model'),)), (1, 1, 1))
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/recall.py', '--config.mesh.tensor=8', '--config.mesh.rules=tp'],
+     'heads dimension of 4, which does not split over mesh axes tensor of size 8'),
+    (['--config=configs/recall.py:model=lstm', '--config.mesh.tensor=2'],
+     'mlp dimension of 79, which does not split over mesh axes tensor of size 2'),
+    (['--config=configs/recall.py', '--config.mesh.data=8', '--config.train.batch_size=12'],
+     'train.batch_size=12 is not divisible by mesh data*fsdp=8; use a multiple of 8'),
+], ids=['heads', 'hidden', 'batch'])
+def test_layouts_that_cannot_split_are_one_line_before_compiling(tmp_path, args, message):
+    """On 8 devices: a tensor axis that divides neither the heads nor the recurrent width,
+    and a batch the data axes cannot split, end with exit 2 and one line; no workdir."""
+    workdir = tmp_path / 'run'
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args, f'--workdir={workdir}',
+                           '--config.train.steps=2'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith('error: ') and proc.stderr.count('\n') == 1 and message in proc.stderr
+    assert not workdir.exists()
