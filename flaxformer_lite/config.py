@@ -1,10 +1,10 @@
 """Configs: defaults, the size table, the `key=value,flag` arg string, overrides, checks.
 
 Every run is described by one locked `ml_collections.ConfigDict`. Config files in
-`configs/` call `make_config(arg, task=...)`; the command line changes single fields
-with `--config.a.b=value` (`set_field`). Anything that cannot work raises
-`ConfigError` with one line naming the field and the fix, before a workdir is touched.
-`load` reads config files and `--config.*` overrides through ml_collections' `config_flags`.
+`configs/` call `make_config(arg, task=...)`, which sets fields with `set_field`; `load`
+reads a config file and its `--config.a.b=value` overrides through ml_collections'
+`config_flags`. Anything that cannot work raises `ConfigError` with one line naming the
+field and the fix, before a workdir is touched.
 """
 
 from __future__ import annotations

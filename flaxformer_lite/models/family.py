@@ -23,6 +23,11 @@ ARCH_FOR_KIND = {'lm': 'decoder_only', 'seq2seq': 'encoder_decoder', 'classify':
                  'regress': 'encoder_classifier'}
 
 
+def fail(field: str, message: str):
+    """A family's config error: one line naming `model.<field>`."""
+    raise ConfigError(f'model.{field}: {message}')
+
+
 def fill(model: Mapping[str, Any], defaults: Mapping[str, Any], size: Mapping[str, Any],
          choices: Mapping[str, tuple], spec: TaskSpec) -> dict[str, Any]:
     """The steps every family's `resolve` starts with: unset fields take the family's
@@ -34,12 +39,12 @@ def fill(model: Mapping[str, Any], defaults: Mapping[str, Any], size: Mapping[st
             m[key] = value
     for key, allowed in choices.items():
         if m[key] not in allowed:
-            raise ConfigError(f"model.{key}: '{m[key]}' is not one of {', '.join(allowed)}")
+            fail(key, f"'{m[key]}' is not one of {', '.join(allowed)}")
     needed = ARCH_FOR_KIND[spec.kind]
     if m['arch'] == 'auto':
         m['arch'] = needed
     elif m['arch'] != needed:
-        raise ConfigError(f"model.arch: {m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto ({needed})")
+        fail('arch', f"{m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto ({needed})")
     return m
 
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flaxformer_lite.models.embeddings import Embed
 from flaxformer_lite.models.layers import Dense, constrain, dtype_of, partitioned
 from flaxformer_lite.models.recurrent_cells import (CARRY_SIZE, Carry, RecurrentLayer, cell_params,
-                                                    cell_update, flat_recurrent, matmul, zero_carry)
+                                                    cell_update, flat_recurrent, matmul, recurrent_product,
+                                                    zero_carry)
 from flaxformer_lite.models.transformer import pool, shift_right
 
 _NEG = -1e30
@@ -256,8 +257,7 @@ class BahdanauLayer(nn.Module):
         e_BS = jnp.tanh(memory['keys'] + jnp.dot(carry[0], self.w_q)[:, None]) @ self.v
         a_BS = jax.nn.softmax(jnp.where(memory['valid'], e_BS, _NEG), axis=-1)
         ctx_BE = jnp.einsum('bs,bse->be', a_BS, memory['memory'])
-        w_hh, b_rec = flat_recurrent(self.cfg.cell, self.w_hh, self.b_hn)
-        rec = jnp.dot(carry[0], w_hh) + (0.0 if b_rec is None else b_rec)
+        rec = recurrent_product(carry[0], *flat_recurrent(self.cfg.cell, self.w_hh, self.b_hn))
         return cell_update(self.cfg.cell, gx_BG + jnp.dot(ctx_BE, w_ctx), rec, carry)
 
     def __call__(self, x_TBD: jax.Array, carry0: Carry, memory: dict) -> tuple[jax.Array, Carry]:

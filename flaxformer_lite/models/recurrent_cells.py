@@ -136,7 +136,8 @@ def _masked(new: Carry, old: Carry, m_B: jax.Array | None) -> Carry:
     return tuple(jnp.where(m_B[:, None], n, o) for n, o in zip(new, old))
 
 
-def _recurrent(h_BH, w_hh_HG, b_rec_G):
+def recurrent_product(h_BH, w_hh_HG, b_rec_G):
+    """h W_hh (+ the GRU candidate's recurrent bias): the `rec` of `cell_forward`."""
     rec = jnp.dot(h_BH, w_hh_HG, preferred_element_type=jnp.float32)
     return rec if b_rec_G is None else rec + b_rec_G
 
@@ -168,7 +169,7 @@ def _forward(cell, gx_TBG, bias_G, w_hh_HG, b_rec_G, carry0, mask_TB, unroll, ke
         carry, buf = state
         step_xs = (buf if in_place else xs[0], xs[1])
         gx_BG, m_B = _materialized(lambda: jax.tree.map(lambda a: _at(a, t), step_xs), t)
-        rec_BG = _recurrent(carry[0], w_hh_HG, b_rec_G)
+        rec_BG = recurrent_product(carry[0], w_hh_HG, b_rec_G)
         new, saved = cell_forward(cell, gx_BG + bias_G, rec_BG, carry)
         new = _masked(new, carry, m_B)
         if in_place:
@@ -356,5 +357,5 @@ class RecurrentLayer(nn.Module):
         """The plain cell: (carry, x_t) -> (carry', h_t), nothing precomputed."""
         gx = self.project(x_BD) + self.bias.reshape(-1)
         w_hh, b_rec = flat_recurrent(self.cell, self.w_hh, self.b_hn)
-        new = cell_update(self.cell, gx, _recurrent(carry[0], w_hh, b_rec), tuple(carry))
+        new = cell_update(self.cell, gx, recurrent_product(carry[0], w_hh, b_rec), tuple(carry))
         return new, new[0]

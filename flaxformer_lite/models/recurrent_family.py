@@ -7,7 +7,6 @@ import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
-from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models import transformer_family
 from flaxformer_lite.models import family
 from flaxformer_lite.models.family import ARCH_FOR_KIND, ModelFamily, StepFns
@@ -24,10 +23,6 @@ CHOICES = dict(pooling=('mean', 'first', 'last'), rnn_attention=('none', 'bahdan
 # Relative tolerance within which the matched width is rounded to a multiple of 8
 # (shardable over up to 8 tensor-parallel devices); the contract is 5%.
 MATCH_ROUNDING = 0.025
-
-
-def _fail(field: str, message: str):
-    raise ConfigError(f'model.{field}: {message}')
 
 
 def matched_transformer_params(model: Mapping[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> int:
@@ -70,29 +65,29 @@ def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: Tas
     the cell is the family's (bound by `_family`). Raises ConfigError naming the field."""
     m = family.fill(model, DEFAULTS, size, CHOICES, spec)
     if m['num_layers'] is None or m['num_layers'] < 1:
-        _fail('num_layers', 'must be a positive integer')
+        family.fail('num_layers', 'must be a positive integer')
     m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
     if m['encoder_layers'] < 1:
-        _fail('encoder_layers', 'must be a positive integer (or unset: model.num_layers)')
+        family.fail('encoder_layers', 'must be a positive integer (or unset: model.num_layers)')
     if m['bidirectional'] and spec.kind == 'lm':
-        _fail('bidirectional', "a language model must not read the future; set it to false "
+        family.fail('bidirectional', "a language model must not read the future; set it to false "
                                "(bidirectional is for classifier and seq2seq encoders)")
     if m['rnn_attention'] != 'none' and spec.kind != 'seq2seq':
-        _fail('rnn_attention', f"'{m['rnn_attention']}' needs a seq2seq task (this one is '{spec.kind}'); "
+        family.fail('rnn_attention', f"'{m['rnn_attention']}' needs a seq2seq task (this one is '{spec.kind}'); "
                                f"set it to none")
     if not isinstance(m['unroll'], int) or m['unroll'] < 1:
-        _fail('unroll', 'must be a positive integer (1: no unrolling)')
+        family.fail('unroll', 'must be a positive integer (1: no unrolling)')
     if not 0.0 <= m['dropout'] < 1.0:
-        _fail('dropout', 'must be in [0, 1)')
+        family.fail('dropout', 'must be in [0, 1)')
     if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq') and spec.vocab_size != spec.num_outputs:
-        _fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
+        family.fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
                                   f'tokens; one shared table needs one vocabulary (set it to false)')
     if m['hidden'] is None:
         target = matched_transformer_params(model, size, spec)
         m['hidden'] = match_hidden(lambda h: count_params(cell, {**m, 'hidden': h}, spec)['non_embedding'],
                                    target)
     elif not isinstance(m['hidden'], int) or m['hidden'] < 1:
-        _fail('hidden', 'must be a positive integer (or unset: matched to the Transformer of model.size)')
+        family.fail('hidden', 'must be a positive integer (or unset: matched to the Transformer of model.size)')
     return m
 
 

@@ -8,7 +8,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models.attention import IMPLEMENTATIONS
 from flaxformer_lite.models.embeddings import POSITION_KINDS
 from flaxformer_lite.models import family
@@ -23,39 +22,35 @@ CHOICES = dict(pos_encoding=POSITION_KINDS, attention_impl=IMPLEMENTATIONS, ffn=
                arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier'))
 
 
-def _fail(field: str, message: str):
-    raise ConfigError(f'model.{field}: {message}')
-
-
 def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
     m = family.fill(model, DEFAULTS, size, CHOICES, spec)
     for key in ('num_layers', 'd_model', 'num_heads', 'd_ff'):
         if m[key] is None or m[key] < 1:
-            _fail(key, 'must be a positive integer')
+            family.fail(key, 'must be a positive integer')
     m['num_kv_heads'] = m['num_kv_heads'] or m['num_heads']
     m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
     if m['max_len'] is None:
         m['max_len'] = max(spec.input_len, spec.target_len)
     if m['d_model'] % m['num_heads']:
-        _fail('d_model', f"{m['d_model']} is not divisible by model.num_heads={m['num_heads']}; "
+        family.fail('d_model', f"{m['d_model']} is not divisible by model.num_heads={m['num_heads']}; "
                          f"pick a width that is a multiple of the head count")
     if m['num_heads'] % m['num_kv_heads']:
-        _fail('num_kv_heads', f"{m['num_kv_heads']} does not divide model.num_heads={m['num_heads']}")
+        family.fail('num_kv_heads', f"{m['num_kv_heads']} does not divide model.num_heads={m['num_heads']}")
     if m['pos_encoding'] == 'rotary' and (m['d_model'] // m['num_heads']) % 2:
-        _fail('pos_encoding', 'rotary needs an even head dimension (d_model / num_heads)')
+        family.fail('pos_encoding', 'rotary needs an even head dimension (d_model / num_heads)')
     if m['pos_encoding'] == 'sinusoidal' and m['d_model'] % 2:
-        _fail('d_model', 'sinusoidal positions need an even d_model')
+        family.fail('d_model', 'sinusoidal positions need an even d_model')
     longest = max(spec.input_len, spec.target_len)
     if m['pos_encoding'] in ('learned', 'sinusoidal') and m['max_len'] < longest:
-        _fail('max_len', f"{m['max_len']} is shorter than the task's sequences ({longest}); "
+        family.fail('max_len', f"{m['max_len']} is shorter than the task's sequences ({longest}); "
                          f"raise model.max_len or leave it unset")
     if m['attention_impl'] != 'einsum' and m['attention_dropout'] > 0:
-        _fail('attention_dropout', f"attention_impl={m['attention_impl']} has no attention dropout; "
+        family.fail('attention_dropout', f"attention_impl={m['attention_impl']} has no attention dropout; "
                                    f"use model.attention_impl=einsum or model.attention_dropout=0")
     if m['attention_block_size'] < 1:
-        _fail('attention_block_size', 'must be a positive integer')
+        family.fail('attention_block_size', 'must be a positive integer')
     if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq') and spec.vocab_size != spec.num_outputs:
-        _fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
+        family.fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
                                   f'tokens; one shared table needs one vocabulary (set it to false)')
     return m
 

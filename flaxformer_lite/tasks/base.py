@@ -136,7 +136,23 @@ def require(condition: bool, field: str, message: str) -> None:
 
 class LMTask(Task):
     """A task posed as next-token prediction over `seq_len` positions of one vocabulary:
-    subclasses set `self.vocab_size` and weight the positions that the task asks."""
+    subclasses set `self.vocab_size`, weight the positions that the task asks, and name
+    tokens for display (`_name`)."""
+    # decode shows each answer as 'cue->answer' (the input token at the answered position
+    # and its target); False: the answers alone.
+    SHOW_CUE: ClassVar[bool] = True
+
+    def _name(self, token: int) -> str:
+        raise NotImplementedError
+
+    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
+        inputs = ' '.join(self._name(t) for t in example['inputs'])
+        where = np.nonzero(example['weights'])[0]
+        if self.SHOW_CUE:
+            answers = (f"{self._name(example['inputs'][i])}->{self._name(example['targets'][i])}" for i in where)
+        else:
+            answers = (self._name(example['targets'][i]) for i in where)
+        return inputs, ' '.join(answers)
 
     @property
     def spec(self) -> TaskSpec:

@@ -52,18 +52,17 @@ def lm_example(tokens: np.ndarray, answer_positions: np.ndarray | slice | Iterab
                 weights=weights)
 
 
-def classify_example(tokens: np.ndarray, length: int, label: int) -> dict[str, np.ndarray]:
-    """`tokens` padded with PAD to `length`; one integer class."""
-    inputs = np.zeros(length, np.int32)
-    inputs[:len(tokens)] = tokens
-    return dict(inputs=inputs, targets=np.asarray(label, np.int32),
-                weights=np.asarray(1.0, np.float32))
-
-
 def pad_to(tokens: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
-    out = np.zeros(length, np.int32)
+    """`tokens` followed by PAD up to `length`, int32."""
+    out = np.full(length, PAD, np.int32)
     out[:len(tokens)] = tokens
     return out
+
+
+def classify_example(tokens: Sequence[int] | np.ndarray, length: int, label: int) -> dict[str, np.ndarray]:
+    """`tokens` padded with PAD to `length`; one integer class."""
+    return dict(inputs=pad_to(tokens, length), targets=np.asarray(label, np.int32),
+                weights=np.asarray(1.0, np.float32))
 
 
 def gumbel_topk(rng: np.random.Generator, log_p: np.ndarray, k: int) -> np.ndarray:

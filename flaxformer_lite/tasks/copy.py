@@ -36,14 +36,18 @@ class Copy(LMTask):
         num_symbols=8,  # data alphabet
     )
 
+    SHOW_CUE = False  # the cue of every answer is the previous answer: show the answers
+
     def __init__(self, cfg: Mapping):
         super().__init__(cfg)
-        c = self.cfg
+        self._check(self.cfg)
+        self.vocab_size = _FIRST + self.cfg['num_symbols']
+
+    def _check(self, c: Mapping) -> None:
         check_ints(c, dict(seq_len=1, dependency_length=0, num_tokens=1, num_symbols=2))
         check_seq_len(c, self.min_seq_len(c),
                       f"{c['num_tokens']} symbols, dependency_length={c['dependency_length']} "
                       f"blanks and the {c['num_tokens']} answers")
-        self.vocab_size = _FIRST + c['num_symbols']
 
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
@@ -63,12 +67,7 @@ class Copy(LMTask):
         return lm_example(tokens, slice(delim, delim + k))
 
     def _name(self, token: int) -> str:
-        return {PAD: '.', BOS: '^', BLANK: '_', DELIM: ':'}.get(int(token), None) or str(token - _FIRST)
-
-    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        inputs = ' '.join(self._name(t) for t in example['inputs'])
-        answers = ' '.join(self._name(t) for t in example['targets'][example['weights'] > 0])
-        return inputs, answers
+        return {PAD: '.', BOS: '^', BLANK: '_', DELIM: ':'}.get(int(token)) or str(token - _FIRST)
 
     def chance(self) -> dict[str, float]:
         return {'accuracy': 1.0 / self.cfg['num_symbols']}

@@ -63,12 +63,5 @@ class Induction(LMTask):
     def _name(self, token: int) -> str:
         return {PAD: '_', BOS: '^'}.get(int(token)) or str(token - _FIRST)
 
-    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        inputs = ' '.join(self._name(t) for t in example['inputs'])
-        where = np.nonzero(example['weights'])[0]
-        answer = ' '.join(f"{self._name(example['inputs'][i])}->{self._name(example['targets'][i])}"
-                          for i in where)
-        return inputs, answer
-
     def chance(self) -> dict[str, float]:
         return {'accuracy': 1.0 / (self.cfg['num_symbols'] - 1)}

@@ -32,7 +32,7 @@ import numpy as np
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, require
-from flaxformer_lite.tasks.common import PAD, as_patterns, check_ints, check_seq_len
+from flaxformer_lite.tasks.common import PAD, as_patterns, check_ints, check_seq_len, classify_example
 
 DIGIT0 = 2  # tokens 2..11: the digits
 OPS = ('[MIN', '[MAX', '[MED', '[SM')
@@ -148,10 +148,7 @@ class ListOps(Task):
         digits = iter(rng.integers(0, 10, size=length).tolist())
         out: list[int] = []
         label = _emit(root, out, digits)
-        inputs = np.zeros(c['seq_len'], np.int32)
-        inputs[:len(out)] = out
-        return dict(inputs=inputs, targets=np.asarray(label, np.int32),
-                    weights=np.asarray(1.0, np.float32))
+        return classify_example(out, c['seq_len'], label)
 
     # --- file-backed ------------------------------------------------------------
     def num_examples(self, split: str) -> int:
@@ -166,10 +163,7 @@ class ListOps(Task):
             return super().example(split, index)
         tokens, labels = self.rows[split]
         i = int(index) % len(labels)
-        inputs = np.zeros(self.cfg['seq_len'], np.int32)
-        inputs[:len(tokens[i])] = tokens[i]
-        return dict(inputs=inputs, targets=np.asarray(labels[i], np.int32),
-                    weights=np.asarray(1.0, np.float32))
+        return classify_example(tokens[i], self.cfg['seq_len'], labels[i])
 
     def with_dependency_length(self, length: int) -> Task:
         if self.patterns:

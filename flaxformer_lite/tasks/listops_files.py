@@ -21,7 +21,7 @@ import numpy as np
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.tasks.base import SPLITS, require, split_of
-from flaxformer_lite.tasks.common import read_text, resolve_files
+from flaxformer_lite.tasks.common import classify_example, read_text, resolve_files
 from flaxformer_lite.tasks.listops import END, OP0, VOCAB
 
 _SPLIT_WORDS = (('test', 'test'), ('val', 'eval'), ('dev', 'eval'), ('eval', 'eval'),
@@ -96,10 +96,7 @@ def load(patterns: Sequence[str], seq_len: int) -> Rows:
             if by_file:
                 buckets[split].append((row, label))
             else:
-                padded = np.zeros(seq_len, np.int32)
-                padded[:len(row)] = row
-                ex = dict(inputs=padded, targets=np.asarray(label, np.int32))
-                buckets[split_of(ex)].append((row, label))
+                buckets[split_of(classify_example(row, seq_len, label))].append((row, label))
     if by_file:  # keep splits disjoint: later splits win
         seen: set[bytes] = set()
         for split in ('test', 'eval', 'train'):

@@ -43,13 +43,6 @@ class KeyValueTask(LMTask):
             return f'v{token - self.values0}'
         return '.'
 
-    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        inputs = ' '.join(self._name(t) for t in example['inputs'])
-        where = np.nonzero(example['weights'])[0]
-        answers = ' '.join(f"{self._name(example['inputs'][i])}->{self._name(example['targets'][i])}"
-                           for i in where)
-        return inputs, answers
-
     def chance(self) -> dict[str, float]:
         return {'accuracy': 1.0 / self.cfg['num_values']}
 

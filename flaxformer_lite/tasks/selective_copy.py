@@ -18,14 +18,15 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import LMTask, require
+from flaxformer_lite.tasks.base import require
 from flaxformer_lite.tasks.common import BOS, PAD, check_ints, check_seq_len, lm_example
+from flaxformer_lite.tasks.copy import _FIRST, BLANK, DELIM, Copy
 
-NOISE, DELIM = 2, 3
-_FIRST = 4  # first data symbol
+NOISE = BLANK  # the noise token of the region is the copy task's blank
 
 
-class SelectiveCopy(LMTask):
+class SelectiveCopy(Copy):
+    """`copy` with the symbols scattered over the region: same vocabulary, display and chance."""
     name = 'selective_copy'
     DEFAULTS = dict(
         seq_len=96,  # model input length
@@ -34,9 +35,7 @@ class SelectiveCopy(LMTask):
         num_symbols=8,  # data alphabet (Mamba: 16)
     )
 
-    def __init__(self, cfg: Mapping):
-        super().__init__(cfg)
-        c = self.cfg
+    def _check(self, c: Mapping) -> None:
         check_ints(c, dict(seq_len=1, dependency_length=1, num_tokens=1, num_symbols=2))
         require(c['num_tokens'] <= c['dependency_length'], 'dependency_length',
                 f"a region of {c['dependency_length']} tokens cannot hold {c['num_tokens']} "
@@ -44,7 +43,6 @@ class SelectiveCopy(LMTask):
         check_seq_len(c, self.min_seq_len(c),
                       f"a region of dependency_length={c['dependency_length']} tokens and "
                       f"{c['num_tokens']} answers")
-        self.vocab_size = _FIRST + c['num_symbols']
 
     @classmethod
     def min_seq_len(cls, cfg: Mapping) -> int:
@@ -63,14 +61,3 @@ class SelectiveCopy(LMTask):
         tokens[delim] = DELIM
         tokens[delim + 1:delim + 1 + k] = data
         return lm_example(tokens, slice(delim, delim + k))
-
-    def _name(self, token: int) -> str:
-        return {PAD: '.', BOS: '^', NOISE: '_', DELIM: ':'}.get(int(token)) or str(token - _FIRST)
-
-    def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        inputs = ' '.join(self._name(t) for t in example['inputs'])
-        answers = ' '.join(self._name(t) for t in example['targets'][example['weights'] > 0])
-        return inputs, answers
-
-    def chance(self) -> dict[str, float]:
-        return {'accuracy': 1.0 / self.cfg['num_symbols']}
