@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from flaxformer_lite import config as config_lib
 
-from flaxformer_lite import config as config_lib  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where launch.py and configs/ are
 
 # A recall task small enough to learn in ~100 steps (chance accuracy 1/4).
 TINY_RECALL = {

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-import launch
+from flaxformer_lite import cli
 
 
 def _run(*args):
@@ -40,14 +40,14 @@ def test_unknown_config_key_is_one_line_exit_2(tmp_path):
     (['--config=configs/recall.py'], '--workdir=DIR is required'),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, capsys):
-    assert launch.main(args) == 2
+    assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err
     assert err.count('\n') == 1 and err.startswith('error: ')
 
 
 def test_describe_prints_config_and_counts(capsys):
-    assert launch.main(['--config=configs/recall.py:size=mini', '--describe']) == 0
+    assert cli.main(['--config=configs/recall.py:size=mini', '--describe']) == 0
     out = capsys.readouterr().out
     assert '"d_model": 128' in out
     assert 'non-embedding' in out and 'per token' in out
@@ -55,7 +55,7 @@ def test_describe_prints_config_and_counts(capsys):
 
 
 def test_show_examples(capsys):
-    assert launch.main(['--config=configs/recall.py', '--show_examples=2']) == 0
+    assert cli.main(['--config=configs/recall.py', '--show_examples=2']) == 0
     out = capsys.readouterr().out
     assert out.count('input:') == 2 and out.count('target:') == 2 and '->' in out
 
@@ -65,5 +65,5 @@ def test_bad_override_leaves_existing_run_untouched(tmp_path, capsys):
     workdir.mkdir()
     (workdir / 'config.json').write_text('{"model": {"name": "transformer"}}')
     before = (workdir / 'config.json').read_text()
-    assert launch.main(['--config=configs/recall.py', f'--workdir={workdir}', '--config.model.name=lstmm']) == 2
+    assert cli.main(['--config=configs/recall.py', f'--workdir={workdir}', '--config.model.name=lstmm']) == 2
     assert (workdir / 'config.json').read_text() == before and os.listdir(workdir) == ['config.json']

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 
 from flaxformer_lite.errors import ConfigError
-from flaxformer_lite.tasks.base import TaskSpec
+from flaxformer_lite.spec import TaskSpec
 
 ModelCfg = Mapping[str, Any]
 

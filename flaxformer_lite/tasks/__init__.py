@@ -13,7 +13,8 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from flaxformer_lite.errors import ConfigError
-from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, split_of
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import SPLITS, Task, split_of
 from flaxformer_lite.tasks.adding import Adding
 from flaxformer_lite.tasks.agreement import Agreement
 from flaxformer_lite.tasks.copy import Copy

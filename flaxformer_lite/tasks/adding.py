@@ -21,7 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import Task
 from flaxformer_lite.tasks.common import PAD, check_ints, check_seq_len
 
 _FIRST = 2

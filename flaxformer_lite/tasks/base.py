@@ -9,42 +9,17 @@ therefore appear in two splits, whatever the seed or size of the example space.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from flaxformer_lite.errors import ConfigError
+from flaxformer_lite.spec import TaskSpec
 
 SPLITS = ('train', 'eval', 'test')
 # Share of the example space per split (by content hash, in 1/1000).
 _SPLIT_BOUNDS = {'test': (0, 100), 'eval': (100, 200), 'train': (200, 1000)}
-KINDS = ('lm', 'seq2seq', 'classify', 'regress')
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """What a model builder needs to know about a task's data.
-
-    kind: 'lm' (per-position next-token targets on `inputs`), 'seq2seq' (`inputs` ->
-      `targets`, decoded autoregressively), 'classify' (one class per sequence) or
-      'regress' (one float per sequence).
-    vocab_size: input token vocabulary, specials included.
-    input_len: length of `inputs`.
-    target_len: length of `targets` for lm / seq2seq; 1 for classify / regress.
-    num_outputs: output vocabulary (lm, seq2seq), classes (classify) or 1 (regress).
-    """
-    kind: str
-    vocab_size: int
-    input_len: int
-    target_len: int
-    num_outputs: int
-    pad_id: int = 0
-    bos_id: int = 1  # decoder start token of seq2seq targets
-
-    def __post_init__(self):
-        assert self.kind in KINDS, self.kind
 
 
 def split_of(example: Mapping[str, np.ndarray]) -> str:

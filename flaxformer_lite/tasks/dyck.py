@@ -19,7 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec, require
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import Task, require
 from flaxformer_lite.tasks.common import PAD, check_ints, check_seq_len, classify_example
 
 PAIRS = ('()', '[]', '{}', '<>')

@@ -31,7 +31,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from flaxformer_lite.errors import ConfigError
-from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, require
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import SPLITS, Task, require
 from flaxformer_lite.tasks.common import PAD, as_patterns, check_ints, check_seq_len, classify_example
 
 DIGIT0 = 2  # tokens 2..11: the digits

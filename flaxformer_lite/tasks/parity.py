@@ -16,7 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import Task
 from flaxformer_lite.tasks.common import PAD, check_choice, check_ints, check_seq_len, classify_example
 
 ZERO, ONE = 2, 3

@@ -25,7 +25,8 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.tasks.base import Task, TaskSpec
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import Task
 from flaxformer_lite.tasks.common import (BOS, PAD, check_choice, check_ints, check_seq_len,
                                           pad_to)
 

@@ -25,7 +25,8 @@ from typing import Mapping
 import numpy as np
 
 from flaxformer_lite.errors import ConfigError
-from flaxformer_lite.tasks.base import SPLITS, Task, TaskSpec, require, split_of
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks.base import SPLITS, Task, require, split_of
 from flaxformer_lite.tasks.common import PAD, as_patterns, check_ints, read_text, resolve_files
 
 _CACHE: dict[tuple, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
