@@ -1,4 +1,4 @@
-"""AdamW with warmup and a decay schedule, global-norm clipping, decay masked to matrices."""
+"""AdamW with warmup and a decay schedule, global-norm clipping, weight decay by parameter role."""
 
 from __future__ import annotations
 
@@ -32,9 +32,31 @@ def schedule(optim: Mapping[str, Any], train_steps: int) -> optax.Schedule:
     raise ValueError(f'unknown schedule {kind}')
 
 
-def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only: not on biases, norm scales or other vectors."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+# Weight decay by a parameter's role, read from its name (the last key of its path), so
+# that `nn.scan` stacking a norm scale into [layers, D] or a gate bias being [gates, H]
+# changes nothing. The one place this is decided:
+#   decayed:     weights that multiply activations or are looked up: Dense kernels, the
+#                recurrent input/recurrent kernels, attention projections (Bahdanau's v
+#                is the kernel of a projection to one score), embedding and position tables;
+#   not decayed: additive biases (the LSTM forget-gate bias of 1 included, the GRU
+#                candidate's b_hn) and norm scales / offsets.
+DECAYED = frozenset({'kernel', 'embedding', 'pos_embedding', 'w_ih', 'w_hh', 'w_q', 'w_k', 'v'})
+NOT_DECAYED = frozenset({'bias', 'b_hn', 'scale'})
+
+
+def decay_mask(params: Any) -> Any:
+    """A tree of bools: True where AdamW applies weight decay (see DECAYED). A parameter
+    name in neither set is a new kind of parameter: deciding its role is required, so it
+    fails loudly instead of silently decaying (or not)."""
+    def role(path, _):
+        name = getattr(path[-1], 'key', getattr(path[-1], 'name', None))
+        if name in DECAYED:
+            return True
+        if name in NOT_DECAYED:
+            return False
+        raise ValueError(f'parameter {jax.tree_util.keystr(path)}: add {name!r} to DECAYED or NOT_DECAYED '
+                         f'in train/optimizer.py')
+    return jax.tree_util.tree_map_with_path(role, params)
 
 
 def make(optim: Mapping[str, Any], train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -43,5 +65,5 @@ def make(optim: Mapping[str, Any], train_steps: int) -> tuple[optax.GradientTran
     if optim['grad_clip'] > 0:
         parts.append(optax.clip_by_global_norm(optim['grad_clip']))
     parts.append(optax.adamw(lr, b1=optim['b1'], b2=optim['b2'], eps=optim['eps'],
-                             weight_decay=optim['weight_decay'], mask=_decay_mask))
+                             weight_decay=optim['weight_decay'], mask=decay_mask))
     return optax.chain(*parts), lr
