@@ -14,7 +14,7 @@ from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models import decoding, transformer_family as tf
 from flaxformer_lite.models.family import StepFns
 from flaxformer_lite.models.transformer import shift_right
-from flaxformer_lite.tasks import TaskSpec
+from flaxformer_lite.spec import TaskSpec
 
 LM = TaskSpec(kind='lm', vocab_size=13, input_len=10, target_len=10, num_outputs=13)
 S2S = TaskSpec(kind='seq2seq', vocab_size=13, input_len=9, target_len=6, num_outputs=13)
@@ -190,10 +190,13 @@ def test_dropout_is_active_only_in_training():
 
 
 def test_flops_count_causal_attention_on_its_lower_triangle():
-    m = model_cfg(LM)
-    n = tf.count_params(m, LM)['non_embedding'] + LM.num_outputs * 16
-    attn_full = 3 * 4 * 16 * LM.input_len * LM.input_len * 2
-    flops = tf.flops_per_example(m, LM)
-    assert 6 * n * LM.input_len < flops < 6 * n * LM.input_len + attn_full
-    assert flops == pytest.approx(6 * n * LM.input_len + attn_full * (LM.input_len + 1) / (2 * LM.input_len))
+    m = model_cfg(LM)  # 2 layers, d_model 16, d_ff 32, tied output projection
+    t, d = LM.input_len, 16
+    kernels = 2 * (4 * d * d + 2 * d * 32) + d * LM.num_outputs  # no biases, norms or embedding lookups
+    causal = 3 * 4 * d * 2 * t * (t + 1) / 2  # scores + sums, lower triangle with the diagonal, 2 layers
+    assert tf.flops_per_example(m, LM) == pytest.approx(6 * kernels * t + causal)
+    # the classifier: the same layers over every pair, the head once per example
+    c = model_cfg(CLS)
+    cls = 6 * (2 * (4 * d * d + 2 * d * 32)) * t + 3 * 4 * d * 2 * t * t + 6 * d * CLS.num_outputs
+    assert tf.flops_per_example(c, CLS) == pytest.approx(cls)
     assert dataclasses.is_dataclass(tf.hparams(m, LM))

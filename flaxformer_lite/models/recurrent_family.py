@@ -12,17 +12,16 @@ from flaxformer_lite.models import family
 from flaxformer_lite.models.family import ARCH_FOR_KIND, ModelFamily, StepFns
 from flaxformer_lite.models.recurrent import (RecurrentClassifier, RecurrentConfig, RecurrentLM,
                                               RecurrentSeq2Seq)
-from flaxformer_lite.models.recurrent_cells import CARRY_SIZE, cell_param_count
-from flaxformer_lite.tasks.base import TaskSpec
+from flaxformer_lite.models.recurrent_cells import CARRY_SIZE, NUM_GATES, cell_param_count
+from flaxformer_lite.spec import TaskSpec
 
 DEFAULTS = dict(dropout=0.0, pooling='mean', bidirectional=False, residual=False, rnn_attention='none',
                 unroll=1, share_embeddings=True, scale_embeddings=True, dtype='float32', arch='auto',
-                encoder_layers=None, hidden=None)
+                encoder_layers=None, hidden=None, width_multiple=8)
 CHOICES = dict(pooling=('mean', 'first', 'last'), rnn_attention=('none', 'bahdanau', 'luong'),
                dtype=('float32', 'bfloat16'), arch=('auto',) + tuple(sorted(set(ARCH_FOR_KIND.values()))))
-# Relative tolerance within which the matched width is rounded to a multiple of 8
-# (shardable over up to 8 tensor-parallel devices); the contract is 5%.
-MATCH_ROUNDING = 0.025
+# How far a matched width's non-embedding count may land from the Transformer's.
+MATCH_TOLERANCE = 0.05
 
 
 def matched_transformer_params(model: Mapping[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> int:
@@ -40,28 +39,24 @@ def matched_transformer_params(model: Mapping[str, Any], size: Mapping[str, Any]
     return transformer_family.count_params(resolved, spec)['non_embedding']
 
 
-def match_hidden(count: Callable[[int], int], target: int) -> int:
-    """The width whose count is closest to `target` (count is increasing in the width);
-    the closest multiple of 8 instead when it is within MATCH_ROUNDING."""
-    lo, hi = 1, 1
-    while count(hi) < target:
+def match_hidden(count: Callable[[int], int], target: int, multiple: int = 1) -> int:
+    """The multiple of `multiple` whose count is closest to `target` (`count` increases
+    with the width). Why multiples: a width of 79 cannot be split over 2, 4 or 8 devices
+    (FSDP, tensor parallelism); with multiples of 8 it always can."""
+    lo = hi = 1  # in units of `multiple`
+    while count(hi * multiple) < target:
         hi *= 2
-    while lo < hi:  # smallest width with count >= target
+    while lo < hi:  # the smallest k with count(k * multiple) >= target
         mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
-    def error(h: int) -> float:
-        return abs(count(h) - target) / target
-
-    best = min((h for h in (lo - 1, lo) if h >= 1), key=error)
-    eights = [h for h in (8 * (lo // 8), 8 * (lo // 8 + 1)) if h >= 8]
-    rounded = min(eights, key=error) if eights else best
-    return rounded if error(rounded) <= MATCH_ROUNDING else best
+        lo, hi = (mid + 1, hi) if count(mid * multiple) < target else (lo, mid)
+    return min((k * multiple for k in (lo - 1, lo) if k >= 1), key=lambda w: abs(count(w) - target))
 
 
 def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
     """Fill unset fields (defaults, then the size row's), pick the shape from the task,
     and, when `model.hidden` is unset, the width matched to the Transformer of the same
-    size (`matched_transformer_params`); depth is the row's `num_layers`. Adds no keys:
+    size (`matched_transformer_params`): the multiple of `model.width_multiple` closest
+    to its count, within MATCH_TOLERANCE; depth is the row's `num_layers`. Adds no keys:
     the cell is the family's (bound by `_family`). Raises ConfigError naming the field."""
     m = family.fill(model, DEFAULTS, size, CHOICES, spec)
     if m['num_layers'] is None or m['num_layers'] < 1:
@@ -82,11 +77,27 @@ def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: Tas
     if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq') and spec.vocab_size != spec.num_outputs:
         family.fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
                                   f'tokens; one shared table needs one vocabulary (set it to false)')
+    multiple = m['width_multiple']
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        family.fail('width_multiple', 'must be a positive integer (1: any width; 8: shardable over 8 devices)')
     if m['hidden'] is None:
         target = matched_transformer_params(model, size, spec)
-        m['hidden'] = match_hidden(lambda h: count_params(cell, {**m, 'hidden': h}, spec)['non_embedding'],
-                                   target)
-    elif not isinstance(m['hidden'], int) or m['hidden'] < 1:
+
+        def count(h: int) -> int:
+            return count_params(cell, {**m, 'hidden': h}, spec)['non_embedding']
+
+        # The closest multiple of model.width_multiple, or, where none lands within the
+        # tolerance (small widths: a step of 8 moves an LSTM of width 80 by 20%), of its
+        # largest divisor that does, so that the comparison stays fair; `--describe` says so.
+        for step in (d for d in range(multiple, 0, -1) if multiple % d == 0):
+            m['hidden'] = match_hidden(count, target, step)
+            if abs(count(m['hidden']) - target) <= MATCH_TOLERANCE * target:
+                break
+        else:
+            family.fail('width_multiple', f"no width lands within {MATCH_TOLERANCE:.0%} of the {target:,} "
+                        f"non-embedding parameters of the matched Transformer (model.hidden={m['hidden']} gives "
+                        f"{count(m['hidden']):,}, model.width_multiple={multiple}); set model.hidden")
+    elif isinstance(m['hidden'], bool) or not isinstance(m['hidden'], int) or m['hidden'] < 1:
         family.fail('hidden', 'must be a positive integer (or unset: matched to the Transformer of model.size)')
     return m
 
@@ -107,76 +118,89 @@ def build(cell: str, m: Mapping[str, Any], spec: TaskSpec, **changes):
     return RecurrentClassifier(cfg, regression=spec.kind == 'regress')
 
 
-def _stack_params(c: RecurrentConfig, layers: int, in_features: int, directions: int) -> int:
-    h = c.hidden
+def _stack(c: RecurrentConfig, layers: int, in_features: int, directions: int,
+           size: Callable[[str, int, int], int]) -> int:
+    """`size(cell, in, hidden)` summed over a stack's layers and directions."""
     if layers == 0:
         return 0
-    widths = [in_features] + [directions * h] * (layers - 1)
-    return directions * sum(cell_param_count(c.cell, w, h) for w in widths)
+    widths = [in_features] + [directions * c.hidden] * (layers - 1)
+    return directions * sum(size(c.cell, w, c.hidden) for w in widths)
 
 
-def _parts(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
-    """Non-embedding parameters by how often they are used (FLOPs accounting): once per
-    source token (`per_source`), per target token (`per_target`), per sequence
-    (`per_example`: heads, bridges) or per (target, source) pair (`per_pair`: Bahdanau's v).
-    `tied_output` is the shared embedding's use as the output projection (not counted)."""
-    c = hparams(cell, m, spec)
-    h, o = c.hidden, c.num_outputs
-    width = c.directions * h  # encoder output width
-    out = dict(embedding=c.vocab_size * h, per_source=0, per_target=0, per_example=0, per_pair=0,
-               tied_output=h * o if c.share_embeddings and m['arch'] != 'encoder_classifier' else 0)
-    head = 0 if c.share_embeddings else h * o + o
-    if m['arch'] == 'decoder_only':
-        out['per_source'] = _stack_params(c, c.num_layers, h, 1) + head
-    elif m['arch'] == 'encoder_classifier':
-        out['per_source'] = _stack_params(c, c.num_layers, h, c.directions)
-        out['per_example'] = width * o + o
-    else:
-        out['embedding'] += 0 if c.share_embeddings else o * h
-        out['per_source'] = _stack_params(c, c.encoder_layers, h, c.directions)
-        out['per_example'] = c.num_layers * CARRY_SIZE[c.cell] * (2 * h * h + h) if c.bidirectional else 0
-        if c.rnn_attention == 'bahdanau':
-            out['per_source'] += width * h  # W_k
-            out['per_target'] = (cell_param_count(c.cell, h + width, h) + h * h  # layer 0 (+ context), W_q
-                                 + _stack_params(c, c.num_layers - 1, h, 1))
-            out['per_pair'] = h  # v
-        else:
-            out['per_target'] = _stack_params(c, c.num_layers, h, 1)
-        if c.rnn_attention == 'luong':
-            out['per_target'] += h * width + (width + h) * h  # W_a, W_c
-        out['per_target'] += head
-    return out
+def _cell_kernels(cell: str, in_features: int, hidden: int) -> int:
+    """Matrix weights of one cell (W_ih and W_hh; the biases are elementwise)."""
+    return NUM_GATES[cell] * (in_features + hidden) * hidden
 
 
 def count_params(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
     """Analytic counts; tests hold them equal to the real parameter trees. As for the
     Transformer, the output projection / head is non-embedding."""
-    p = _parts(cell, m, spec)
-    non_embedding = p['per_source'] + p['per_target'] + p['per_example'] + p['per_pair']
-    return dict(total=p['embedding'] + non_embedding, embedding=p['embedding'], non_embedding=non_embedding)
+    c = hparams(cell, m, spec)
+    h, o, width = c.hidden, c.num_outputs, c.directions * c.hidden  # width: the encoder's output
+    embedding = c.vocab_size * h
+    head = 0 if c.share_embeddings else h * o + o
+    if m['arch'] == 'decoder_only':
+        body = _stack(c, c.num_layers, h, 1, cell_param_count) + head
+    elif m['arch'] == 'encoder_classifier':
+        body = _stack(c, c.num_layers, h, c.directions, cell_param_count) + width * o + o
+    else:
+        embedding += 0 if c.share_embeddings else o * h
+        body = _stack(c, c.encoder_layers, h, c.directions, cell_param_count) + head
+        body += c.num_layers * CARRY_SIZE[c.cell] * (2 * h * h + h) if c.bidirectional else 0  # bridges
+        if c.rnn_attention == 'bahdanau':  # layer 0 reads [embedding; context]; W_q, W_k, v
+            body += cell_param_count(c.cell, h + width, h) + h * h + width * h + h
+            body += _stack(c, c.num_layers - 1, h, 1, cell_param_count)
+        else:
+            body += _stack(c, c.num_layers, h, 1, cell_param_count)
+        if c.rnn_attention == 'luong':
+            body += h * width + (width + h) * h  # W_a, W_c
+    return dict(total=embedding + body, embedding=embedding, non_embedding=body)
+
+
+def forward_macs(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
+    """Forward multiply-accumulates of the matrix products, by how often each runs:
+    per source token (`per_source`: cells of the encoder or LM stack, Bahdanau's W_k),
+    per target token (`per_target`: decoder cells, W_q, Luong's W_a and W_c, the output
+    projection, tied or not), per (target, source) pair (`per_pair`: attention scores and
+    context sums) and per example (`per_example`: heads and bridges). An LM's positions
+    are its source tokens: its output projection is counted under `per_source`."""
+    c = hparams(cell, m, spec)
+    h, o, width = c.hidden, c.num_outputs, c.directions * c.hidden
+    out = dict(per_source=0, per_target=0, per_pair=0, per_example=0)
+    if m['arch'] == 'decoder_only':
+        out['per_source'] = _stack(c, c.num_layers, h, 1, _cell_kernels) + h * o
+    elif m['arch'] == 'encoder_classifier':
+        out['per_source'] = _stack(c, c.num_layers, h, c.directions, _cell_kernels)
+        out['per_example'] = width * o
+    else:
+        out['per_source'] = _stack(c, c.encoder_layers, h, c.directions, _cell_kernels)
+        out['per_example'] = c.num_layers * CARRY_SIZE[c.cell] * 2 * h * h if c.bidirectional else 0
+        out['per_target'] = h * o
+        if c.rnn_attention == 'bahdanau':
+            out['per_source'] += width * h  # W_k
+            out['per_target'] += _cell_kernels(c.cell, h + width, h) + h * h  # layer 0 (+ context), W_q
+            out['per_target'] += _stack(c, c.num_layers - 1, h, 1, _cell_kernels)
+            out['per_pair'] = h + width  # v . tanh(.), the context sum
+        else:
+            out['per_target'] += _stack(c, c.num_layers, h, 1, _cell_kernels)
+        if c.rnn_attention == 'luong':
+            out['per_target'] += h * width + (width + h) * h  # W_a, W_c
+            out['per_pair'] = 2 * width  # dot scores, the context sum
+    return out
 
 
 def flops_per_example(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> float:
-    """Training FLOPs for one example, 3x the forward (backward = 2x forward), with the
-    forward 2 FLOPs per weight use: every cell weight (input and recurrent), once per
-    token of the sequence it reads; the tied output projection once per predicted token;
-    heads and bridges once per sequence; Bahdanau's W_k once per source token. Attention
-    adds, per (target, source) pair, the scores (Luong's dot: 2 * width; Bahdanau's
-    v . tanh(.): 2 * hidden) and the context sum (2 * width), width being the encoder's
-    output width (hidden, or 2 * hidden when bidirectional). Gate nonlinearities and the elementwise state update (O(hidden) per token
-    against O(hidden^2)) are left out, like the Transformer's norms and softmax."""
-    c = hparams(cell, m, spec)
-    p = _parts(cell, m, spec)
+    """Training FLOPs of one example under `accounting`'s convention: 3x the forward
+    matmuls of `forward_macs`, 2 FLOPs per multiply-accumulate. A model's FLOPs, not its
+    implementation's: when the vocabulary is smaller than the batch's token count the
+    first layer projects the embedding table instead of every token
+    (`recurrent.embed_inputs`), which does less work than is counted here."""
+    p = forward_macs(cell, m, spec)
     s, t = spec.input_len, spec.target_len
-    if m['arch'] == 'decoder_only':
-        return 6.0 * (p['per_source'] + p['tied_output']) * s
-    flops = 6.0 * p['per_source'] * s + 6.0 * (p['per_target'] + p['tied_output']) * t + 6.0 * p['per_example']
-    width = c.directions * c.hidden
-    if c.rnn_attention == 'bahdanau':
-        flops += 3.0 * (2 * c.hidden + 2 * width) * t * s
-    elif c.rnn_attention == 'luong':
-        flops += 3.0 * (2 * width + 2 * width) * t * s
-    return flops
+    if m['arch'] != 'encoder_decoder':
+        t = 0  # an LM predicts at its input positions (counted per source token)
+    macs = p['per_source'] * s + p['per_target'] * t + p['per_pair'] * s * t + p['per_example']
+    return 3.0 * 2.0 * macs
 
 
 def decoder(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> StepFns:

@@ -14,7 +14,7 @@ from flaxformer_lite.models import family
 from flaxformer_lite.models.family import ModelFamily, StepFns
 from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder,
                                                  TransformerConfig)
-from flaxformer_lite.tasks.base import TaskSpec
+from flaxformer_lite.spec import TaskSpec
 
 DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
 CHOICES = dict(pos_encoding=POSITION_KINDS, attention_impl=IMPLEMENTATIONS, ffn=('relu', 'gelu', 'swiglu'),
@@ -106,34 +106,49 @@ def count_params(m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
     return dict(total=embedding + body + head, embedding=embedding, non_embedding=body + head)
 
 
+def _kernels(c: TransformerConfig) -> dict[str, int]:
+    """Matrix weights of one layer, by what they read (biases and norms are elementwise):
+    `self` (self-attention Q, K, V, O and the feed-forward, per token of the stack),
+    `cross_q_o` (per target token) and `cross_k_v` (per source token)."""
+    d, hk, gk = c.d_model, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    mlp = (3 if c.ffn == 'swiglu' else 2) * d * c.d_ff
+    return dict(self=2 * d * hk + 2 * d * gk + mlp, cross_q_o=2 * d * hk, cross_k_v=2 * d * gk)
+
+
 def flops_per_example(m: Mapping[str, Any], spec: TaskSpec) -> float:
-    """Training FLOPs for one example: 6 per weight per token (2 forward, 4 backward) over
-    every matrix, the tied output projection included, plus attention scores and
-    weighted sums, 4 * d_attn per query-key pair forward (x3 for training), with
-    causal self-attention counted on its lower triangle only."""
+    """Training FLOPs of one example under `accounting`'s convention (3x the forward
+    matmuls): every kernel once per token of the sequence it reads, cross-attention's K
+    and V per source token, the output projection (tied or not) per predicted token,
+    the classifier head once per example; attention 4 * d_attn per (query, key) pair,
+    causal self-attention on its lower triangle, diagonal included."""
     c = hparams(m, spec)
-    counts = count_params(m, spec)
-    d_attn = c.num_heads * c.head_dim
-    tied_output = c.share_embeddings and m['arch'] != 'encoder_classifier'
-    matmul = counts['non_embedding'] + (c.num_outputs * c.d_model if tied_output else 0)
-
-    def attn(queries: int, keys: int, layers: int, causal: bool) -> float:
-        pairs = queries * (keys + 1) / 2 if causal else queries * keys
-        return 3 * 4 * d_attn * pairs * layers
-
+    k = _kernels(c)
+    d, d_attn = c.d_model, c.num_heads * c.head_dim
     s, t = spec.input_len, spec.target_len
+
+    def pairs(queries: int, keys: int, causal: bool) -> float:  # causal: self-attention, keys = queries
+        return queries * (queries + 1) / 2 if causal else queries * keys
+
     if m['arch'] == 'decoder_only':
-        return 6 * matmul * s + attn(s, s, c.num_layers, True)
-    if m['arch'] == 'encoder_decoder':
-        enc = _layer_params(c, False) * c.encoder_layers
-        return (6 * enc * s + 6 * (matmul - enc) * t + attn(s, s, c.encoder_layers, False)
-                + attn(t, t, c.num_layers, True) + attn(t, s, c.num_layers, False))
-    return 6 * matmul * s + attn(s, s, c.num_layers, False)
+        macs = s * (c.num_layers * k['self'] + d * c.num_outputs)
+        macs += c.num_layers * 2 * d_attn * pairs(s, s, True)
+    elif m['arch'] == 'encoder_decoder':
+        macs = s * c.encoder_layers * k['self'] + s * c.num_layers * k['cross_k_v']
+        macs += t * (c.num_layers * (k['self'] + k['cross_q_o']) + d * c.num_outputs)
+        macs += 2 * d_attn * (c.encoder_layers * pairs(s, s, False)
+                              + c.num_layers * (pairs(t, t, True) + pairs(t, s, False)))
+    else:
+        macs = s * c.num_layers * k['self'] + d * c.num_outputs
+        macs += c.num_layers * 2 * d_attn * pairs(s, s, False)
+    return 3.0 * 2.0 * macs  # 2 FLOPs per multiply-accumulate; backward = 2x forward
 
 
 def decoder(m: Mapping[str, Any], spec: TaskSpec) -> StepFns:
-    """Cached decoding: the prefix lives in the KV cache, each step feeds one token."""
-    dec = build(m, spec, decode=True, dropout=0.0, attention_dropout=0.0)
+    """Cached decoding: the prefix lives in the KV cache, each step feeds one token.
+    The cache holds the longest sequence of `spec` (which may be an evaluation task's,
+    longer than the model's `max_len`: the cache size is not a parameter)."""
+    cache_len = max(m['max_len'], spec.input_len, spec.target_len)
+    dec = build(m, spec, decode=True, dropout=0.0, attention_dropout=0.0, max_len=cache_len)
     full = build(m, spec)
     encdec = m['arch'] == 'encoder_decoder'
 
