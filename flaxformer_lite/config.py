@@ -50,7 +50,8 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # Fields that may change when a run in an existing workdir is continued: how long it
 # runs and how it is watched, saved or laid out. Anything else changes the experiment.
-RESUMABLE_FIELDS = ('train.steps', 'train.log_every', 'eval.', 'checkpoint.', 'mesh.', 'data.')
+RESUMABLE_FIELDS = ('train.steps', 'train.tokens', 'train.flops_budget', 'train.log_every', 'eval.',
+                    'checkpoint.', 'mesh.', 'data.')
 
 
 def base_config(task_name: str) -> ml_collections.ConfigDict:
@@ -68,6 +69,7 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         num_kv_heads=placeholder(int),  # < num_heads: grouped-query attention; 1: multi-query
         d_ff=placeholder(int),
         hidden=placeholder(int),  # recurrent width; unset: parameter-matched to `size`
+        width_multiple=8,  # a matched recurrent width is a multiple of this (shardable); 1: any width
         dropout=placeholder(float),  # residual, embedding and between-layer dropout (default 0)
         attention_dropout=0.0,
         pos_encoding=placeholder(str),  # sinusoidal | learned | rotary | none (default sinusoidal)
@@ -92,7 +94,9 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
     c.task = tasks.default_config(task_name)
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=2000,
+        steps=2000,  # or unset it (train.steps=none) and give a budget:
+        tokens=placeholder(float),  # training tokens: steps = tokens / (batch_size * tokens per example)
+        flops_budget=placeholder(float),  # training FLOPs (accounting.py): steps = budget / (batch * FLOPs per example)
         batch_size=32,  # global batch, split over data-parallel devices and hosts
         seed=0,  # parameter init, dropout and shuffling (the data itself: task.seed)
         log_every=50,  # steps between train/* summaries and progress lines
@@ -104,7 +108,7 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         warmup_steps=100,
         decay_steps=placeholder(int),  # cosine horizon; unset: train.steps
         end_learning_rate_ratio=0.0,  # cosine floor as a fraction of the peak
-        weight_decay=0.01,  # decoupled (AdamW); not applied to biases, norms
+        weight_decay=0.01,  # decoupled (AdamW); kernels and embeddings only (train/optimizer.py: DECAYED)
         b1=0.9,
         b2=0.98,
         eps=1e-9,
@@ -249,8 +253,10 @@ def _coerce(dotted: str, raw: Any, kind: type | None) -> Any:
         return text
 
 
-def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any) -> None:
-    """Set one field from a string or a value; unknown names get a did-you-mean."""
+def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any, *, parse: bool = True) -> None:
+    """Set one field from a string or a value; unknown names get a did-you-mean.
+    `parse=False` stores strings as they are (values read back from JSON: 'none' is a
+    string there, not None)."""
     node = cfg
     parts = dotted.split('.')
     for i, part in enumerate(parts):
@@ -266,7 +272,7 @@ def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any) -> None:
         example = next(iter(node[leaf].keys()), 'x')
         raise ConfigError(f"config field '{dotted}' is a group; set one of its fields, e.g. "
                           f"{dotted}.{example}=...")
-    value = _coerce(dotted, raw, node.get_type(leaf))
+    value = _coerce(dotted, raw, node.get_type(leaf)) if parse else raw
     try:
         node[leaf] = value
     except TypeError as e:
@@ -311,6 +317,8 @@ def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigD
         cfg = _module(path).get_config(arg or None)
         for dotted, raw in overrides.items():
             set_field(cfg, dotted, raw)  # raises the precise error where it can
+        if any(str(raw).strip().lower() in ('none', 'null') for raw in overrides.values()):
+            return cfg  # config_flags cannot unset a typed field (--config.train.steps=None); set_field can
         line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
         field = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', line)
         if field:  # "flag --config.a.b=v: why" -> the house form
@@ -320,13 +328,15 @@ def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigD
 
 def check(cfg: ml_collections.ConfigDict) -> None:
     """Checks that need no model or task: positive counts, known choices."""
-    positive = ('train.steps', 'train.batch_size', 'train.log_every', 'eval.every_steps',
+    positive = ('train.batch_size', 'train.log_every', 'eval.every_steps',
                 'eval.num_examples', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
                 'data.threads')
     flat = flatten(cfg.to_dict())
     for name in positive:
         if not (isinstance(flat[name], int) and flat[name] > 0):
             raise ConfigError(f'config field {name}={flat[name]!r} must be a positive integer')
+    if flat['train.steps'] is not None and not (isinstance(flat['train.steps'], int) and flat['train.steps'] > 0):
+        raise ConfigError(f"config field train.steps={flat['train.steps']!r} must be a positive integer")
     if flat['eval.batch_size'] is not None and flat['eval.batch_size'] <= 0:
         raise ConfigError('config field eval.batch_size must be a positive integer (or unset)')
     if cfg.model.size not in SIZES:
@@ -343,6 +353,18 @@ def check(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config field {name}='{flat[name]}' is not one of {', '.join(allowed)}")
     if not 0.0 <= cfg.train.label_smoothing < 1.0:
         raise ConfigError('config field train.label_smoothing must be in [0, 1)')
+    budgets = [f'train.{k}={cfg.train[k]:g}' for k in ('tokens', 'flops_budget') if cfg.train[k] is not None]
+    if len(budgets) > 1:
+        raise ConfigError(f'{budgets[0]} and {budgets[1]} both set the length of the run; keep one of them')
+    if budgets and cfg.train.steps is not None:
+        raise ConfigError(f'train.steps={cfg.train.steps} and {budgets[0]} both set the length of the run; unset '
+                          f'train.steps (train.steps=none in the --config arg, or --config.train.steps=None)')
+    if not budgets and cfg.train.steps is None:
+        raise ConfigError('train.steps is unset and no budget is given; set train.steps, train.tokens or '
+                          'train.flops_budget')
+    for key in ('tokens', 'flops_budget'):
+        if cfg.train[key] is not None and not cfg.train[key] > 0:
+            raise ConfigError(f'config field train.{key}={cfg.train[key]!r} must be positive')
     if cfg.optim.learning_rate <= 0:
         raise ConfigError('config field optim.learning_rate must be positive')
     if cfg.optim.warmup_steps < 0:
@@ -365,3 +387,24 @@ def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
 def to_json(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     tree = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
     return json.dumps(tree, indent=2, sort_keys=True, default=list)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the config holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def from_saved(saved: Mapping[str, Any], source: str) -> ml_collections.ConfigDict:
+    """The (resolved) config a run stored in its `config.json`, as a locked ConfigDict of
+    the same types as `base_config`, so that `experiment.resolve` accepts it again.
+    `source` names the file in errors (a field this code does not know, a bad value)."""
+    try:
+        task_name = saved['task']['name']
+        cfg = base_config(task_name)
+        for dotted, value in flatten(saved).items():
+            set_field(cfg, dotted, _tuples(value), parse=False)
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ConfigError(f'{source} does not hold a config this code can read ({e}); it was written by another '
+                          f'version of flaxformer_lite, or edited by hand') from None
+    cfg.lock()
+    return cfg

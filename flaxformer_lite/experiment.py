@@ -15,7 +15,8 @@ from flaxformer_lite import config as config_lib
 from flaxformer_lite import models, tasks
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models.family import ModelFamily
-from flaxformer_lite.tasks import Task, TaskSpec
+from flaxformer_lite.spec import TaskSpec
+from flaxformer_lite.tasks import Task
 
 
 @dataclasses.dataclass
@@ -25,6 +26,7 @@ class Experiment:
     eval_tasks: dict[str, Task]  # tag prefix ('eval', 'eval/dep_64', ...) -> task
     family: ModelFamily
     model_cfg: dict[str, Any]
+    derived: tuple[str, ...] = ()  # fields left unset in the config as given (resolution fills them)
 
     @property
     def spec(self) -> TaskSpec:
@@ -50,15 +52,47 @@ def resolve(cfg: ml_collections.ConfigDict) -> Experiment:
             raise ConfigError(f'eval.dependency_lengths: {name} changes the vocabulary of task {task.name}')
     family = models.get(cfg.model.name)
     model = cfg.model.to_dict()
-    if model['max_len'] is None:
-        model['max_len'] = max(max(t.spec.input_len, t.spec.target_len) for t in eval_tasks.values())
+    # The model is defined by the training task alone: evaluation settings (which may be
+    # added when a run is resumed) never change a parameter shape.
     resolved = family.resolve(model, config_lib.SIZES[cfg.model.size], task.spec)
     unknown = set(resolved) - set(model)
     assert not unknown, f'{family.name}.resolve invented config fields {unknown}'
+    if resolved.get('pos_encoding') == 'learned':
+        for name, other in eval_tasks.items():
+            longest = max(other.spec.input_len, other.spec.target_len)
+            if longest > resolved['max_len']:
+                raise ConfigError(
+                    f"model.pos_encoding='learned' has no positions beyond model.max_len={resolved['max_len']}, but "
+                    f"{name} has sequences of {longest}; use model.pos_encoding=sinusoidal (or rotary), or raise "
+                    f"model.max_len to {longest} for a new run")
+    # Unset ('auto' or None) in the config as given: the family's or the size row's values.
+    derived = tuple(f'model.{k}' for k, v in model.items() if v is None or v == 'auto')
     cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)  # a resolved copy; the input stays as given
     for key, value in resolved.items():
         cfg.model[key] = value
     if cfg.eval.batch_size is None:
         cfg.eval.batch_size = cfg.train.batch_size
+        derived += ('eval.batch_size',)
+    if cfg.train.steps is None:  # a budget (config.check: exactly one of tokens, flops_budget)
+        cfg.train.steps = steps_for_budget(cfg, family, resolved, task.spec)
+        derived += ('train.steps',)
     cfg.lock()
-    return Experiment(config=cfg, task=task, eval_tasks=eval_tasks, family=family, model_cfg=resolved)
+    return Experiment(config=cfg, task=task, eval_tasks=eval_tasks, family=family, model_cfg=resolved,
+                      derived=derived)
+
+
+def steps_for_budget(cfg: ml_collections.ConfigDict, family: ModelFamily, model_cfg: dict[str, Any],
+                     spec: TaskSpec) -> int:
+    """Training steps that spend `train.tokens` or `train.flops_budget` (FLOPs in the
+    convention of `accounting.py`) at `train.batch_size`, rounded to the nearest step."""
+    tokens_per_example = spec.input_len + (spec.target_len if spec.kind == 'seq2seq' else 0)
+    if cfg.train.tokens is not None:
+        per_step, budget, name = cfg.train.batch_size * tokens_per_example, cfg.train.tokens, 'train.tokens'
+    else:
+        per_step = cfg.train.batch_size * family.flops_per_example(model_cfg, spec)
+        budget, name = cfg.train.flops_budget, 'train.flops_budget'
+    steps = round(budget / per_step)
+    if steps < 1:
+        raise ConfigError(f'{name}={budget:g} is less than one step ({per_step:g} per step of train.batch_size='
+                          f'{cfg.train.batch_size}); raise {name} or lower train.batch_size')
+    return steps

@@ -12,10 +12,12 @@ import io
 import math
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
@@ -23,9 +25,9 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
-# Metrics the HParams tab shows for each run (the last value logged under each tag).
-HPARAM_METRICS = ('eval/loss', 'eval/accuracy', 'eval/seq_accuracy', 'eval/exact_match', 'eval/mse',
-                  'train/loss')
+# The fields that tell single runs apart, shown first in the HParams tab (a sweep puts its
+# swept fields there instead).
+KEY_FIELDS = ('model.name', 'model.size', 'task.name', 'task.dependency_length', 'optim.learning_rate', 'train.seed')
 
 
 class Writer:
@@ -54,15 +56,25 @@ class Writer:
         tensor = tensor_util.make_tensor_proto([str(width).encode(), str(height).encode(), png], dtype=np.object_)
         self._add(step, [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
 
-    def hparams(self, flat_config: Mapping[str, Any], metrics: tuple[str, ...] = HPARAM_METRICS,
+    def hparams(self, values: Mapping[str, Any], metrics: Sequence[str], *, first: Sequence[str] = KEY_FIELDS,
                 trial_id: str | None = None) -> None:
-        """Declare the experiment (hyperparameter and metric names) and this run's values."""
-        values = {k: _hparam_value(v) for k, v in flat_config.items()}
-        experiment = hparams_summary.hparams_config_pb(
-            hparams=[hparams_summary.HParam(k) for k in values],
-            metrics=[hparams_summary.Metric(m) for m in metrics])
+        """Declare the experiment (hyperparameters and the metrics this run logs) and this
+        run's values. TensorBoard lists hyperparameters marked as differing first (and
+        ticks the first few), so the fields in `first` are marked; `trial_id` names the
+        row (TensorBoard's default is a hash)."""
+        marked = set(first)
+        ordered = [k for k in first if k in values] + [k for k in values if k not in marked]
+        values = {k: _hparam_value(values[k]) for k in ordered}
+        infos = [api_pb2.HParamInfo(name=k, type=_HPARAM_TYPES[type(v)], differs=k in marked)
+                 for k, v in values.items()]
+        experiment = api_pb2.Experiment(hparam_infos=infos, time_created_secs=time.time(), metric_infos=[
+            api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
+        declaration = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+            tag=hparams_metadata.EXPERIMENT_TAG, tensor=hparams_metadata.NULL_TENSOR,
+            metadata=hparams_metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(
+                experiment=experiment)))])
         session = hparams_summary.hparams_pb(values, trial_id=trial_id)
-        for pb in (experiment, session):
+        for pb in (declaration, session):
             self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=pb))
 
     def restart_at(self, step: int) -> None:
@@ -98,6 +110,9 @@ class NullWriter(Writer):
 
     def close(self):
         pass
+
+
+_HPARAM_TYPES = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING}
 
 
 def _hparam_value(v: Any) -> bool | float | str:
@@ -140,39 +155,39 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, 'isatty') and self.stream.isatty()
-        self._t0 = time.time()
+        self._rate: float | None = None
         self._last_draw = 0.0
         self._last = ''
 
-    def _eta(self, step: int) -> tuple[float, float]:
-        done = step - self.start
-        elapsed = time.time() - self._t0
-        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
-        return rate, (self.total - step) / rate if rate else float('nan')
+    def _eta(self, step: int, rate: float | None) -> str:
+        if not rate:
+            return '?'
+        return format_duration((self.total - step) / rate)
 
     def update(self, step: int) -> None:
         """Called every step; redraws the bar at most 5 times a second (tty only)."""
         if not self.tty or time.time() - self._last_draw < 0.2:
             return
         self._last_draw = time.time()
-        rate, eta = self._eta(step)
         width = 30
         filled = int(width * step / max(self.total, 1))
-        eta_s = format_duration(eta) if math.isfinite(eta) else '?'
+        rate = f'{self._rate:.1f} steps/s ' if self._rate else ''
         self.stream.write(f'\r[{"#" * filled}{"." * (width - filled)}] {step}/{self.total} '
-                          f'{rate:.1f} steps/s ETA {eta_s} {self._last}\x1b[K')
+                          f'{rate}ETA {self._eta(step, self._rate)} {self._last}\x1b[K')
         self.stream.flush()
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """A logged step: remembered for the bar, or printed as a line."""
+    def log(self, step: int, metrics: Mapping[str, float], steps_per_s: float | None = None) -> None:
+        """A logged step: remembered for the bar, or printed as a line. `steps_per_s` is
+        the training rate the loop measured (compilation, evaluation and checkpoints
+        excluded), the same rate as `train/tokens_per_sec`."""
         if not self.enabled:
             return
+        self._rate = steps_per_s or self._rate
         shown = ' '.join(f'{k.split("/")[-1]} {v:.4g}' for k, v in metrics.items())
         self._last = shown
         if not self.tty:
-            rate, eta = self._eta(step)
-            eta_s = format_duration(eta) if math.isfinite(eta) else '?'
-            self.stream.write(f'step {step}/{self.total} {shown} {rate:.2f} steps/s ETA {eta_s}\n')
+            rate = f' {self._rate:.2f} steps/s' if self._rate else ''
+            self.stream.write(f'step {step}/{self.total} {shown}{rate} ETA {self._eta(step, self._rate)}\n')
             self.stream.flush()
 
     def message(self, text: str) -> None:

@@ -63,7 +63,9 @@ class AddPositions(nn.Module):
         if positions_BT is None:
             positions_BT = jnp.arange(length)[None, :]
         if self.kind == 'sinusoidal':
-            table = jnp.asarray(sinusoidal_table(self.max_len, self.d_model))
+            # A function, not a parameter: it extends to sequences longer than max_len
+            # (evaluation at longer dependency lengths) without changing the model.
+            table = jnp.asarray(sinusoidal_table(max(self.max_len, length), self.d_model))
         elif self.kind == 'learned':
             table = self.param('pos_embedding', partitioned(nn.initializers.normal(stddev=0.02), (None, 'embed')),
                                (self.max_len, self.d_model), jnp.float32)

@@ -8,6 +8,11 @@ the value that followed the same key in the pairs block. Only those answer posit
 count in the loss and the metrics. `dependency_length` is the distance from the last
 pair to the first query, so every queried pair is at least that far back; queries come
 in random order, so no fixed offset solves the task. Chance: 1 / num_values.
+
+`shuffle_answers=True` is the control task (in the spirit of Hewitt & Liang 2019): each
+answer is a value drawn independently of its key, so nothing in the context predicts it
+and every model must stay at chance; a model that beats chance there learned something
+other than the dependency (or the metric is broken).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Recall(KeyValueTask):
         num_keys=32,  # key vocabulary (pairs use distinct keys)
         num_values=32,  # value vocabulary
         num_noise=8,  # filler vocabulary of the gap
+        shuffle_answers=False,  # control: answers independent of their keys (chance is the ceiling)
     )
 
     def __init__(self, cfg: Mapping):
@@ -94,7 +100,10 @@ class Recall(KeyValueTask):
         asked = rng.choice(n, size=q, replace=False)
         first_query = start + 2 * n - 1 + gap
         tokens[first_query:first_query + 2 * q:2] = keys[asked]
-        tokens[first_query + 1:first_query + 2 * q:2] = values[asked]
+        answers = values[asked]
+        if c['shuffle_answers']:
+            answers = self.values0 + rng.integers(0, c['num_values'], size=q)
+        tokens[first_query + 1:first_query + 2 * q:2] = answers
         weights = np.zeros(length, np.float32)
         weights[first_query:first_query + 2 * q:2] = 1.0  # targets[i] = tokens[i + 1]
         return dict(inputs=tokens[:-1].astype(np.int32), targets=tokens[1:].astype(np.int32),

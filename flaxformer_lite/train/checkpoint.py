@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import grain
 import orbax.checkpoint as ocp
@@ -23,8 +23,9 @@ CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 
 
-def check_workdir(workdir: str, cfg_dict: Mapping[str, Any]) -> bool:
+def check_workdir(workdir: str, cfg_dict: Mapping[str, Any], derived: Collection[str] = ()) -> bool:
     """Raise UserError if `workdir` cannot hold this run; True if it holds one to resume.
+    `derived`: the config fields that resolution filled in (named after the others).
 
     Reads only: a workdir that is refused is left exactly as it was.
     """
@@ -42,6 +43,9 @@ def check_workdir(workdir: str, cfg_dict: Mapping[str, Any]) -> bool:
     except (OSError, ValueError) as e:
         raise UserError(f'--workdir={workdir}: cannot read {CONFIG_FILE} ({e}); choose another --workdir') from None
     conflicts = config_lib.resume_conflicts(saved, cfg_dict)
+    # Fields the user set come first; fields derived from them (a size row's width, a
+    # matched recurrent width) would only repeat the cause.
+    conflicts.sort(key=lambda name: name in derived)
     if conflicts:
         flat_saved, flat_now = config_lib.flatten(saved), config_lib.flatten(json.loads(config_lib.to_json(cfg_dict)))
         name = conflicts[0]
@@ -61,7 +65,8 @@ def write_config(workdir: str, cfg_dict: Mapping[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Periodic (asynchronous) saves of state + data iterator + config; restore of the latest."""
+    """Periodic (asynchronous) saves of state + data iterator + config + run metadata
+    (best metrics, time spent: what `results.json` sums over restarts); restore of the latest."""
 
     def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -69,24 +74,30 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
             item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
-                           'config': ocp.JsonCheckpointHandler()})
+                           'config': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, cfg_dict: Mapping[str, Any]) -> None:
+    def save(self, step: int, state: Any, data_iterator: Any, cfg_dict: Mapping[str, Any],
+             meta: Mapping[str, Any]) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator),
-                                  config=ocp.args.JsonSave(json.loads(config_lib.to_json(cfg_dict))))
+                                  config=ocp.args.JsonSave(json.loads(config_lib.to_json(cfg_dict))),
+                                  meta=ocp.args.JsonSave(json.loads(json.dumps(meta))))
         self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """The state at `step`, laid out by the shardings in `abstract_state` (so a
-        checkpoint written under one mesh restores under another); the data iterator is
-        moved to where it was."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored['state']
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> tuple[Any, dict]:
+        """(state, meta) at `step`, the state laid out by the shardings in `abstract_state`
+        (so a checkpoint written under one mesh restores under another); the data
+        iterator, when given, is moved to where it was."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if os.path.isdir(os.path.join(self._manager.directory, str(step), 'meta')):  # absent before results.json
+            items['meta'] = ocp.args.JsonRestore()
+        if data_iterator is not None:
+            items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored['state'], dict(restored.get('meta') or {})
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -3,82 +3,33 @@
 Order of work: check the workdir and build everything that can fail (mesh, shardings,
 data) before writing a byte; initialise shape-first (`eval_shape` -> logical specs ->
 mesh shardings -> `jit(init, out_shardings)`), or restore the latest checkpoint; then
-loop without waiting for the device except at logging, evaluation and saving steps.
+loop without waiting for the device except at logging, evaluation and saving steps; at
+the end evaluate the test split once and write `results.json`. Whatever ends the loop
+(the last step, a signal, an exception), pending checkpoints are finished and the event
+file is closed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite import accounting, data, parallel, tracking
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.experiment import Experiment
-from flaxformer_lite.train import checkpoint, optimizer, step as step_lib
-from flaxformer_lite.train.losses import summarize
+from flaxformer_lite.train import checkpoint, evaluate, results as results_lib, step as step_lib
+from flaxformer_lite.train.evaluate import Evaluator
+from flaxformer_lite.train.setup import Setup, build  # noqa: F401  (build: also loop.build for callers)
 from flaxformer_lite.train.state import TrainState
 
 INTERRUPTED = 'interrupted'
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything built before the first step (and before anything is written)."""
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    rules_name: str
-    model: nn.Module
-    tx: Any
-    lr: Any
-    state_shardings: TrainState
-    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
-    init_fn: Any
-    batch_sharding: Any
-    notes: list[str]  # layout decisions worth a line at start-up
-
-
-def build(exp: Experiment) -> Setup:
-    """Mesh, model, optimizer and the state's shardings, derived shape-first."""
-    cfg = exp.config
-    mesh = parallel.make_mesh(cfg.mesh)
-    rules_name = parallel.rules_preset(cfg.mesh, tuple(mesh.shape.values()))
-    rules = parallel.logical_rules(cfg.mesh, tuple(mesh.shape.values()))
-    batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
-    for field in ('train.batch_size', 'eval.batch_size'):
-        value = config_lib.flatten(cfg.to_dict())[field]
-        if value % batch_devices:
-            raise config_lib.ConfigError(f'{field}={value} is not divisible by mesh data*fsdp={batch_devices}; '
-                                         f'use a multiple of {batch_devices}')
-    model = exp.family.build(exp.model_cfg, exp.spec)
-    tx, lr = optimizer.make(cfg.optim, cfg.train.steps)
-    example = exp.task.example('train', 0)
-    dummy = {k: jnp.asarray(np.broadcast_to(v, (cfg.train.batch_size,) + v.shape)) for k, v in example.items()}
-    rng = jax.random.key(cfg.train.seed)
-
-    def init_params():
-        return model.init({'params': rng}, dummy, train=False)['params']
-
-    def init_fn():
-        params = nn.unbox(init_params())
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_params)
-        param_sh, notes = parallel.param_shardings(boxed, mesh, rules)
-        abstract = jax.eval_shape(init_fn)
-    opt_sh = parallel.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
-    state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    return Setup(mesh=mesh, rules=rules, rules_name=rules_name, model=model, tx=tx, lr=lr, state_shardings=state_sh,
-                 abstract_state=abstract, init_fn=init_fn, batch_sharding=parallel.batch_sharding(mesh),
-                 notes=notes)
 
 
 class _StopFlag:
@@ -117,44 +68,50 @@ class _StopFlag:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
 
 
-class Evaluator:
-    """Held-out sets kept on device; metric sums added over batches, summarised on host."""
+@dataclasses.dataclass
+class RunInfo:
+    """How a run presents itself: its name (in results.json and as the HParams trial ID),
+    the fields the HParams tab shows first, the metrics it declares there (None: the ones
+    this run logs), and extra hyperparameter columns (a sweep adds its name)."""
+    name: str
+    first: tuple[str, ...] = tracking.KEY_FIELDS
+    metrics: tuple[str, ...] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __init__(self, exp: Experiment, setup: Setup):
-        cfg, pi, pc = exp.config, jax.process_index(), jax.process_count()
-        self.kind = exp.spec.kind
-        self.sets = {}
-        for prefix, task in exp.eval_tasks.items():
-            batches = data.eval_batches(task, num_examples=cfg.eval.num_examples, batch_size=cfg.eval.batch_size,
-                                        process_index=pi, process_count=pc)
-            self.sets[prefix] = (task, [data.to_global(b, setup.batch_sharding) for b in batches])
-        param_sh = setup.state_shardings.params
-        out_sh = parallel.replicated(setup.mesh)
-        self.eval_step = jax.jit(step_lib.make_eval_step(setup.model, self.kind), in_shardings=(param_sh, setup.batch_sharding),
-                                 out_shardings=out_sh)
-        self.decode_step = None
-        if self.kind == 'seq2seq' and cfg.eval.decode and exp.family.decoder is not None:
-            fns = exp.family.decoder(exp.model_cfg, exp.spec)
-            self.decode_step = jax.jit(step_lib.make_decode_step(fns, exp.spec.bos_id),
-                                       in_shardings=(param_sh, setup.batch_sharding), out_shardings=out_sh)
 
-    def __call__(self, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        scalars, curves = {}, {}
-        for prefix, (task, batches) in self.sets.items():
-            total = None
-            for batch in batches:
-                sums = self.eval_step(params, batch)
-                if self.decode_step is not None:
-                    sums = dict(sums, **self.decode_step(params, batch))
-                total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-            total = jax.device_get(total)
-            scalars.update({f'{prefix}/{k}': v for k, v in summarize(total, self.kind).items()})
-            if getattr(task, 'report_loss_by_position', False) and 'loss_by_position' in total:
-                curve = total['loss_by_position'] / np.maximum(total['weight_by_position'], 1e-9)
-                curves[prefix] = curve
-                positions = [p for p in (2 ** np.arange(20)) - 1 if p < len(curve)] + [len(curve) - 1]
-                scalars.update({f'{prefix}/loss_at_position/{p + 1:05d}': float(curve[p]) for p in positions})
-        return scalars, curves
+class StepTimer:
+    """Seconds spent in training steps only. The loop pauses it around compilation (the
+    first step of each start), evaluation, checkpointing and logging; pausing waits for
+    the steps already dispatched, so their time is counted where it was spent."""
+
+    def __init__(self):
+        self.steps, self.seconds = 0, 0.0
+        self._window_steps, self._window_seconds = 0, 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self, *pending: Any) -> None:
+        if self._since is None:
+            return
+        jax.block_until_ready(pending)
+        elapsed = time.perf_counter() - self._since
+        self._since = None
+        self.seconds += elapsed
+        self._window_seconds += elapsed
+
+    def count(self) -> None:
+        """One training step dispatched (counted only while the timer runs)."""
+        if self._since is not None:
+            self.steps += 1
+            self._window_steps += 1
+
+    def window_rate(self) -> float | None:
+        """Steps per second since the previous call (None if no timed step)."""
+        rate = self._window_steps / self._window_seconds if self._window_steps and self._window_seconds > 0 else None
+        self._window_steps, self._window_seconds = 0, 0.0
+        return rate
 
 
 def _train_summary(pending: list[dict], kind: str) -> dict[str, float]:
@@ -171,12 +128,68 @@ def _train_summary(pending: list[dict], kind: str) -> dict[str, float]:
     return out
 
 
-def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
-    """Train (or continue training) `exp` in `workdir`; returns the last metrics logged."""
+class _Run:
+    """The state of one start of a run besides the train state: what was measured so
+    far (carried over restarts in the checkpoint's metadata) and where it is written."""
+
+    def __init__(self, exp: Experiment, setup: Setup, evaluator: Evaluator, workdir: str, info: RunInfo,
+                 progress: tracking.Progress, writer: tracking.Writer, meta: dict):
+        self.exp, self.setup, self.evaluator, self.workdir, self.info = exp, setup, evaluator, workdir, info
+        self.progress, self.writer = progress, writer
+        self.best: dict[str, dict[str, float]] = dict(meta.get('best', {}))
+        self.wall_before, self.train_before = float(meta.get('wall_s', 0.0)), float(meta.get('train_s', 0.0))
+        self.timed_before = int(meta.get('timed_steps', 0))
+        self.session_start = time.time()
+        self.timer = StepTimer()
+        self.last_eval: dict[str, float] = {}
+
+    def meta(self) -> dict[str, Any]:
+        return {'best': self.best, 'wall_s': self.wall_before + time.time() - self.session_start,
+                'train_s': self.train_before + self.timer.seconds, 'timed_steps': self.timed_before + self.timer.steps}
+
+    def evaluate(self, step: int, params: Any, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        scalars, curves = self.evaluator(params, split)
+        self.writer.scalars(step, scalars)
+        for prefix, curve in curves.items():
+            png, w, h = tracking.line_plot_png(curve, title=f'{self.exp.task.name}: {prefix} loss by position',
+                                               xlabel='position in context', ylabel='loss (nats)')
+            self.writer.image(step, f'{prefix}/loss_by_position', png, w, h)
+        self.progress.message(f'step {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()
+                                                         if '/loss_at_position/' not in k))
+        self.writer.flush()
+        plain = {k: float(v) for k, v in scalars.items() if '/loss_at_position/' not in k}
+        if split == 'eval':
+            self.last_eval = plain
+            for name, value in plain.items():
+                if name not in self.best or evaluate.is_better(name, value, self.best[name]['value']):
+                    self.best[name] = {'value': value, 'step': step}
+        return plain, curves
+
+    def finish(self, step: int, params: Any) -> dict[str, Any]:
+        """The test split, once, then `results.json` (process 0 writes it)."""
+        test, curves = self.evaluate(step, params, 'test')
+        meta = self.meta()
+        record = results_lib.build(self.exp, name=self.info.name, workdir=self.workdir, step=step,
+                                   metrics={**self.last_eval, **test}, best=self.best, curves=curves,
+                                   wall_s=meta['wall_s'], train_s=meta['train_s'], timed_steps=meta['timed_steps'])
+        if jax.process_index() == 0:
+            results_lib.write(self.workdir, record)
+        return record
+
+
+def default_info(workdir: str) -> RunInfo:
+    return RunInfo(name=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
+
+
+def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
+                       info: RunInfo | None = None) -> dict[str, Any]:
+    """Train (or continue training) `exp` in `workdir`, then evaluate the test split and
+    write `results.json`. Returns the last metrics logged (and `status`)."""
     cfg = exp.config
     cfg_dict = cfg.to_dict()
+    info = info or default_info(workdir)
     chief = jax.process_index() == 0
-    resume = checkpoint.check_workdir(workdir, cfg_dict)  # reads only
+    resume = checkpoint.check_workdir(workdir, cfg_dict, exp.derived)  # reads only
     setup = build(exp)
     evaluator = Evaluator(exp, setup)
     train_it = data.train_iterator(exp.task, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -188,34 +201,41 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True) -
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=cfg.checkpoint.max_to_keep,
                                    async_save=cfg.checkpoint.async_save)
     progress = tracking.Progress(cfg.train.steps, 0, enabled=verbose and chief)
-    start = ckpt.latest_step() if resume else None
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-        if start is not None:
-            state = ckpt.restore(start, setup.abstract_state, train_it)
-            progress.message(f'resumed from step {start} in {workdir}')
-        else:
-            start = 0
-            state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
-        progress.start = start
-        progress.message(parallel.describe_layout(setup.mesh, setup.rules_name, state.params, state.opt_state))
-        for note in setup.notes:
-            progress.message('  ' + note)
-        writer = tracking.Writer(workdir) if chief else tracking.NullWriter()
-        counts = accounting.summary(exp)
-        if start == 0:
-            writer.text(0, 'config', '```\n' + config_lib.to_json(cfg_dict) + '\n```')
-        else:
-            writer.restart_at(start + 1)
-        writer.hparams({**config_lib.flatten(cfg_dict), **{f'accounting.{k}': v for k, v in counts.items()}})
-        result = _loop(exp, setup, state, start, train_it, evaluator, ckpt, writer, progress, counts)
+    writer = tracking.Writer(workdir) if chief else tracking.NullWriter()
+    try:
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            start = ckpt.latest_step() if resume else None
+            meta = {}
+            if start is not None:
+                state, meta = ckpt.restore(start, setup.abstract_state, train_it)
+                progress.message(f'resumed from step {start} in {workdir}')
+            else:
+                start = 0
+                state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+            progress.start = start
+            progress.message(parallel.describe_layout(setup.mesh, setup.rules_name, state.params, state.opt_state))
+            for note in setup.notes:
+                progress.message('  ' + note)
+            counts = accounting.summary(exp)
+            if start == 0:
+                writer.text(0, 'config', '```\n' + config_lib.to_json(cfg_dict) + '\n```')
+            else:
+                writer.restart_at(start + 1)
+            metrics = info.metrics if info.metrics is not None else evaluate.metric_names(exp)
+            hparams = {**info.extra, **config_lib.flatten(cfg_dict), **{f'accounting.{k}': v for k, v in counts.items()}}
+            writer.hparams(hparams, [*metrics, 'train/loss'], first=(*info.extra, *info.first), trial_id=info.name)
+            run = _Run(exp, setup, evaluator, workdir, info, progress, writer, meta)
+            return _loop(run, state, start, train_it, ckpt, counts)
+    finally:
         ckpt.wait()
         ckpt.close()
         writer.close()
         progress.close()
-    return result
 
 
-def _loop(exp, setup, state, start, train_it, evaluator, ckpt, writer, progress, counts) -> dict[str, Any]:
+def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.Checkpointer,
+          counts: dict[str, float]) -> dict[str, Any]:
+    exp, setup, progress, writer, timer = run.exp, run.setup, run.progress, run.writer, run.timer
     cfg = exp.config
     steps = cfg.train.steps
     kind = exp.spec.kind
@@ -226,50 +246,62 @@ def _loop(exp, setup, state, start, train_it, evaluator, ckpt, writer, progress,
         out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)), donate_argnums=(0,))
     result: dict[str, Any] = {'step': start}
     pending: list[dict] = []
-    last_log_step, last_log_time = start, None
-    examples_per_step = cfg.train.batch_size
+    tokens_per_step = cfg.train.batch_size * exp.tokens_per_example()
     if start >= steps:
+        done = results_lib.read(run.workdir) if jax.process_index() == 0 else None
+        if done is None or done.get('status') != 'done' or done.get('step') != start:
+            # Stopped between the last checkpoint and results.json: evaluate and write them.
+            run.evaluate(start, state.params, 'eval')
+            done = run.finish(start, state.params)
         progress.message(f'the run is already at step {start} >= train.steps={steps}; raise --config.train.steps '
                          f'to continue it')
+        return {**done.get('metrics', {}), 'status': 'done', 'step': start}
+
+    def save(step: int) -> None:
+        timer.stop(state)
+        ckpt.save(step, state, train_it, cfg.to_dict(), run.meta())
+        timer.start()
+
     with _StopFlag() as stop:
         for step in range(start + 1, steps + 1):
             batch = data.to_global(next(train_it), setup.batch_sharding)
+            timer.count()
             state, metrics = train_step(state, batch)
             pending.append(metrics)
-            if last_log_time is None:  # time from the end of the first (compiling) step
+            if step == start + 1:  # compiled in this step: time from its end
                 jax.block_until_ready(metrics)
-                last_log_time, last_log_step = time.time(), step
+                timer.start()
             progress.update(step)
             is_last = step == steps
             if (step % cfg.train.log_every == 0 or is_last) and pending:
+                timer.stop(metrics)
                 scalars = _train_summary(pending, kind)
                 pending.clear()
-                elapsed = time.time() - last_log_time
-                rate = (step - last_log_step) * examples_per_step / max(elapsed, 1e-9)
-                scalars['train/tokens_per_sec'] = rate * exp.tokens_per_example()
-                utilisation = accounting.mfu(counts['flops_per_example'], rate, setup.mesh.devices.size)
-                if utilisation is not None:
-                    scalars['train/mfu'] = utilisation
-                last_log_step, last_log_time = step, time.time()
+                rate = timer.window_rate()
+                if rate is not None:
+                    scalars['train/tokens_per_sec'] = rate * tokens_per_step
+                    utilisation = accounting.mfu(counts['flops_per_example'], rate * cfg.train.batch_size,
+                                                 setup.mesh.devices.size, cfg.model.dtype)
+                    if utilisation is not None:
+                        scalars['train/mfu'] = utilisation
                 writer.scalars(step, scalars)
-                progress.log(step, {k: v for k, v in scalars.items() if k in ('train/loss', 'train/accuracy')})
+                progress.log(step, {k: v for k, v in scalars.items() if k in ('train/loss', 'train/accuracy')},
+                             steps_per_s=rate)
                 result.update(scalars, step=step)
+                timer.start()
             if step % cfg.eval.every_steps == 0 or is_last:
-                scalars, curves = evaluator(state.params)
-                writer.scalars(step, scalars)
-                for prefix, curve in curves.items():
-                    png, w, h = tracking.line_plot_png(curve, title=f'{exp.task.name}: {prefix} loss by position',
-                                                       xlabel='position in context', ylabel='loss (nats)')
-                    writer.image(step, f'{prefix}/loss_by_position', png, w, h)
-                progress.message(f'step {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()
-                                                             if '/loss_at_position/' not in k))
-                result.update(scalars, step=step)
-                writer.flush()
+                timer.stop(state)
+                result.update(run.evaluate(step, state.params, 'eval')[0], step=step)
+                timer.start()
             if step % cfg.checkpoint.every_steps == 0 or is_last:
-                ckpt.save(step, state, train_it, cfg.to_dict())
+                save(step)
+            if is_last:  # the last checkpoint first: a stop from here on only redoes what follows
+                timer.stop(state)
+                ckpt.wait()
+                result.update(run.finish(step, state.params)['metrics'])
             if not is_last and stop.requested(step, cfg.train.log_every):
                 if step % cfg.checkpoint.every_steps:
-                    ckpt.save(step, state, train_it, cfg.to_dict())
+                    save(step)
                 progress.message(f'stopped at step {step} by a signal; checkpoint saved, run the same command to '
                                  f'resume')
                 result.update(status=INTERRUPTED, signal=stop.signal or signal.SIGTERM)

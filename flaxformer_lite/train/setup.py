@@ -1,0 +1,74 @@
+"""What a run builds before its first step, shape-first and before anything is written:
+the mesh and logical-axis rules, the model, the optimizer, and the train state's
+shardings (`eval_shape` -> logical specs -> mesh shardings), so a layout that cannot
+work fails before compiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite import config as config_lib
+from flaxformer_lite import parallel
+from flaxformer_lite.experiment import Experiment
+from flaxformer_lite.train import optimizer
+from flaxformer_lite.train.state import TrainState
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built before the first step (and before anything is written)."""
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    rules_name: str
+    model: nn.Module
+    tx: Any
+    lr: Any
+    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    init_fn: Any
+    batch_sharding: Any
+    notes: list[str]  # layout decisions worth a line at start-up
+
+
+def build(exp: Experiment) -> Setup:
+    """Mesh, model, optimizer and the state's shardings, derived shape-first."""
+    cfg = exp.config
+    mesh = parallel.make_mesh(cfg.mesh)
+    rules_name = parallel.rules_preset(cfg.mesh, tuple(mesh.shape.values()))
+    rules = parallel.logical_rules(cfg.mesh, tuple(mesh.shape.values()))
+    batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+    for field in ('train.batch_size', 'eval.batch_size'):
+        value = config_lib.flatten(cfg.to_dict())[field]
+        if value % batch_devices:
+            raise config_lib.ConfigError(f'{field}={value} is not divisible by mesh data*fsdp={batch_devices}; '
+                                         f'use a multiple of {batch_devices}')
+    model = exp.family.build(exp.model_cfg, exp.spec)
+    tx, lr = optimizer.make(cfg.optim, cfg.train.steps)
+    example = exp.task.example('train', 0)
+    dummy = {k: jnp.asarray(np.broadcast_to(v, (cfg.train.batch_size,) + v.shape)) for k, v in example.items()}
+    rng = jax.random.key(cfg.train.seed)
+
+    def init_params():
+        return model.init({'params': rng}, dummy, train=False)['params']
+
+    def init_fn():
+        params = nn.unbox(init_params())
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_params)
+        param_sh, notes = parallel.param_shardings(boxed, mesh, rules)
+        abstract = jax.eval_shape(init_fn)
+    opt_sh = parallel.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
+    state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return Setup(mesh=mesh, rules=rules, rules_name=rules_name, model=model, tx=tx, lr=lr, state_shardings=state_sh,
+                 abstract_state=abstract, init_fn=init_fn, batch_sharding=parallel.batch_sharding(mesh),
+                 notes=notes)
