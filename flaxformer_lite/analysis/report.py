@@ -1,0 +1,228 @@
+"""The report: tables, fits and plots written to one folder, and report.md tying them together.
+
+`write_report` in `__init__` is the entry point; this module holds the spec (what an
+experiment may choose), the plot registry and the Markdown.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from flaxformer_lite.analysis import plots, plots_metrics, scaling, tables
+from flaxformer_lite.analysis.runs import Run, count_by_status, load_runs
+from flaxformer_lite.errors import UserError
+
+PLOT_TITLES = {
+    'loss_vs_params': 'Loss against model size',
+    'loss_vs_compute': 'Loss against training compute',
+    'isoflop': 'IsoFLOP profiles',
+    'optimal_params': 'Compute-optimal model size',
+    'accuracy_vs_dependency_length': 'Accuracy against dependency length',
+    'length_generalization': 'Length generalisation',
+    'loss_by_position': 'Loss by position in the context',
+}
+PLOT_ALIASES = {'scaling': tuple(plots.SCALING_PLOTS)}
+SPEC_DEFAULTS: dict[str, Any] = dict(
+    title=None, metric=None, loss_metric=None, x='task.dependency_length', plots=None,
+    group=('model.name', 'model.size'), table_group=None, tuned=None, error_bars='std',
+    bootstrap=200, seed=0, level=95.0, fits=True)
+METRIC_CHOICES = ('test/accuracy', 'eval/accuracy', 'test/exact_match', 'eval/exact_match', 'test/mse', 'eval/mse')
+
+
+def resolve_spec(spec: Mapping[str, Any] | None, runs: Sequence[Run]) -> dict[str, Any]:
+    """The spec with defaults filled in from the data; UserError for keys or plots it does not know."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(SPEC_DEFAULTS))
+    if unknown:
+        raise UserError(f'report spec: unknown key {unknown[0]!r}; known keys: {", ".join(SPEC_DEFAULTS)}')
+    out = {**SPEC_DEFAULTS, **spec}
+    if out['error_bars'] not in ('std', 'minmax'):
+        raise UserError(f"report spec: error_bars={out['error_bars']!r}; use 'std' or 'minmax'")
+    if out['plots'] is not None:
+        names: list[str] = []
+        for name in ([out['plots']] if isinstance(out['plots'], str) else out['plots']):
+            if name not in PLOT_TITLES and name not in PLOT_ALIASES:
+                raise UserError(f'report spec: unknown plot {name!r}; known plots: '
+                                f'{", ".join(list(PLOT_TITLES) + list(PLOT_ALIASES))}')
+            names.extend(n for n in PLOT_ALIASES.get(name, (name,)) if n not in names)
+        out['plots'] = names
+    done = [r for r in runs if r.status == 'done']
+    reported = {k for r in done for k in r.metrics}
+    if out['loss_metric'] is None:
+        out['loss_metric'] = 'test/loss' if 'test/loss' in reported or 'eval/loss' not in reported else 'eval/loss'
+    if out['metric'] is None:
+        out['metric'] = next((m for m in METRIC_CHOICES if m in reported), 'test/accuracy')
+    out['group'] = list(out['group'])
+    return out
+
+
+def _plot_builders(spec: Mapping[str, Any], runs: Sequence[Run], fits: Sequence[scaling.Scaling] | None,
+                   colors: dict, fits_skip: str) -> dict[str, Callable[[], Any]]:
+    def scaling_plot(fn):
+        def build():
+            if fits is None:
+                raise plots.Skip(fits_skip)
+            return fn(fits, colors, runs)
+        return build
+    out: dict[str, Callable[[], Any]] = {name: scaling_plot(fn) for name, fn in plots.SCALING_PLOTS.items()}
+    out['accuracy_vs_dependency_length'] = lambda: plots_metrics.plot_metric_vs_x(
+        runs, spec['metric'], spec['x'], spec['group'], colors, error=spec['error_bars'])
+    out['length_generalization'] = lambda: plots_metrics.plot_length_generalization(
+        runs, spec['metric'], spec['group'], colors, error=spec['error_bars'])
+    curves = sorted({k for r in runs if r.status == 'done' for k in (r.record.get('curves') or {})
+                     if k.endswith('/loss_by_position')})
+    curve = 'test/loss_by_position' if 'test/loss_by_position' in curves or not curves else curves[0]
+    out['loss_by_position'] = lambda: plots_metrics.plot_loss_by_position(runs, colors, curve=curve)
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON without NaN: non-finite floats become null; tuples become lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write_events(out_dir: str, images: Mapping[str, tuple[bytes, int, int]], markdown: str) -> str:
+    """The plots (tags report/NAME) and report.md as text, in a new event file in out_dir;
+    each regeneration writes the next step, so TensorBoard's slider shows the latest."""
+    from flaxformer_lite import tracking  # tensorboard's writer: imported only when writing
+    step = len(glob.glob(os.path.join(out_dir, 'events.out.tfevents.*')))
+    writer = tracking.Writer(out_dir)
+    for name, (data, width, height) in images.items():
+        writer.image(step, f'report/{name}', data, width, height)
+    writer.text(step, 'report/summary', markdown)
+    writer.close()
+    return out_dir
+
+
+def _read_section(paths: Sequence[str], runs: Sequence[Run], spec: Mapping[str, Any]) -> list[str]:
+    counts = count_by_status(runs)
+    sweeps = sorted({r.sweep for r in runs if r.sweep})
+    singles = sum(r.sweep is None for r in runs)
+    versions = sorted({str(v) for r in runs if (v := r.record.get('code_version'))})
+    lines = ['## What was read', '']
+    lines += [f'- `{p}`' for p in paths]
+    what = [f'{len(sweeps)} sweep{"s" * (len(sweeps) != 1)} ({", ".join(sweeps)})'] if sweeps else []
+    what += [f'{singles} single run{"s" * (singles != 1)}'] if singles else []
+    lines.append(f'- {len(runs)} trial{"s" * (len(runs) != 1)} from {" and ".join(what)}: '
+                 + ', '.join(f'{n} {s}' for s, n in counts.items()))
+    lines.append(f'- loss: `{spec["loss_metric"]}` (final value); task metric: `{spec["metric"]}`')
+    if versions:
+        lines.append(f'- code version{"s" * (len(versions) > 1)}: {", ".join(versions)}')
+    return lines + ['']
+
+
+def _fits_section(fits: Sequence[scaling.Scaling] | None, skip: str, spec: Mapping[str, Any]) -> list[str]:
+    lines = ['## Scaling fits', '']
+    if fits is None:
+        return lines + [f'Not fitted: {skip}.', '']
+    lines += [f'L = E + A x^-alpha fitted as in Hoffmann et al. (2022, Appendix D.2): Huber loss '
+              f'(delta 1e-3) on log L, L-BFGS-B from a grid of starts; {spec["level"]:g}% percentile '
+              f'intervals from {spec["bootstrap"]} bootstrap resamples (seed {spec["seed"]}). '
+              f'N: non-embedding parameters; C: training FLOPs (fitted on the Pareto frontier); '
+              f'N*(C): minima of parabolas in log N at each compute budget, fitted in log-log.', '']
+    for s in fits:
+        lines += [f'- {line}' for line in scaling.describe(s)]
+        lines += [f'- {s.label}: note: {note}' for note in s.notes]
+    return lines + ['']
+
+
+def _plots_section(written: Mapping[str, str], skipped: Mapping[str, str], spec: Mapping[str, Any]) -> list[str]:
+    lines = ['## Plots', '']
+    for name, path in written.items():
+        title = PLOT_TITLES[name]
+        if name == 'accuracy_vs_dependency_length':
+            title = f'{spec["metric"]} against {spec["x"]}'
+        lines += [f'### {title}', '', f'![{title}]({os.path.basename(path)})', '']
+    if skipped:
+        lines += ['Skipped plots:', '']
+        lines += [f'- `{name}`: {reason}' for name, reason in skipped.items()]
+        lines.append('')
+    return lines
+
+
+def _problems_section(runs: Sequence[Run]) -> list[str]:
+    bad = [r for r in runs if r.status != 'done']
+    lines = ['## Failed and pending trials', '']
+    if not bad:
+        return lines + ['None: every trial finished.', '']
+    rows = [[r.name, r.status, tables.fmt(r.record.get('exit_code')), r.error, r.workdir] for r in bad]
+    return lines + [tables.markdown_table(['trial', 'status', 'exit code', 'error', 'workdir'], rows)]
+
+
+def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything `write_report` promises (see the package docstring)."""
+    if isinstance(paths, str):
+        paths = [paths]
+    runs = load_runs(paths)
+    spec = resolve_spec(spec, runs)
+    os.makedirs(out_dir, exist_ok=True)
+    out = {name: os.path.join(out_dir, name) for name in
+           ('report.md', 'results.csv', 'results.json', 'results.md', 'aggregated.csv')}
+
+    columns, rows = tables.trial_rows(runs)
+    tables.write_csv(out['results.csv'], columns, rows)
+    by = tables.group_fields(runs, spec['table_group'])
+    groups = tables.aggregate(runs, by)
+    agg_columns, agg_rows = tables.groups_csv_rows(groups, by)
+    tables.write_csv(out['aggregated.csv'], agg_columns, agg_rows)
+    with open(out['results.md'], 'w', encoding='utf-8') as f:
+        f.write('# All trials\n\n' + tables.trials_markdown(runs))
+
+    fits, fits_skip = None, ''
+    if not spec['fits']:
+        fits_skip = 'the report spec turns fits off (fits=False)'
+    else:
+        fits = scaling.analyse(runs, spec['loss_metric'], tuned=spec['tuned'], n_boot=int(spec['bootstrap']),
+                               seed=int(spec['seed']), level=float(spec['level']))
+        if not fits:
+            fits, fits_skip = None, (f'no model family has finished runs reporting {spec["loss_metric"]} '
+                                     f'at two or more sizes')
+
+    colors = plots.family_colors(r.family for r in runs)
+    builders = _plot_builders(spec, runs, fits, colors, fits_skip)
+    images, written, skipped = {}, {}, {}
+    for name in spec['plots'] or list(PLOT_TITLES):
+        try:
+            fig = builders[name]()
+        except plots.Skip as e:
+            skipped[name] = str(e)
+            continue
+        images[name] = plots.png(fig)
+        written[name] = os.path.join(out_dir, f'{name}.png')
+        with open(written[name], 'wb') as f:
+            f.write(images[name][0])
+
+    title = spec['title'] or 'Report: ' + ', '.join(
+        sorted({r.sweep for r in runs if r.sweep}) or [os.path.basename(os.path.normpath(p)) for p in paths])
+    metrics = tables.headline_metrics(runs)
+    md = [f'# {title}', ''] + _read_section(paths, runs, spec)
+    md += ['## Results', '', f'Mean ± std over seeds; `runs` is the number of finished runs in each row. '
+           f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '
+           f'[aggregated.csv](aggregated.csv), [results.json](results.json).', '']
+    md += [tables.groups_markdown(groups, by, metrics) if groups else 'No finished runs yet.\n']
+    md += _fits_section(fits, fits_skip, spec) + _plots_section(written, skipped, spec) + _problems_section(runs)
+    markdown = '\n'.join(md).rstrip('\n') + '\n'
+    with open(out['report.md'], 'w', encoding='utf-8') as f:
+        f.write(markdown)
+
+    summary = dict(
+        runs=count_by_status(runs), loss_metric=spec['loss_metric'], metric=spec['metric'],
+        fits=[s.to_dict() for s in fits or []], fits_skipped=fits_skip or None, plots=dict(written),
+        skipped=skipped, failed=[r.name for r in runs if r.status == 'failed'],
+        pending=[r.name for r in runs if r.status in ('pending', 'running')])
+    with open(out['results.json'], 'w', encoding='utf-8') as f:
+        json.dump(_clean(dict(report='flaxformer_lite.analysis', spec=spec, trials=rows,
+                              aggregated=[g.to_dict() for g in groups], summary=summary)), f, indent=1, default=str)
+    paths_out = {k.replace('.', '_'): v for k, v in out.items()}
+    paths_out.update(plots=dict(written), events=_write_events(out_dir, images, markdown))
+    return dict(paths=paths_out, summary=_clean(summary))
