@@ -1,11 +1,13 @@
 """Sharded training on 8 fake CPU devices and across 2 processes (jax.distributed):
-the same losses whatever the layout, FSDP memory per device, resharding on restore."""
+the same losses and gradients whatever the layout, FSDP memory per device, resharding on
+restore, and the XLA repro in experiments/ still running."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -46,10 +48,34 @@ def test_fsdp_puts_an_eighth_of_the_parameters_on_each_device(runs):
 
 
 def test_gradients_on_a_three_axis_mesh_equal_one_device(runs):
+    """data x fsdp x tensor = 2x2x2 with the fsdp_tp rules (weights 'embed' over fsdp, 'mlp'
+    over tensor): the layout on which XLA returned 10-70% wrong recurrent gradients once the
+    time-major states were pinned (experiments/xla_scan_sharding_repro.py). Every cell, with
+    the custom-VJP recurrence and with the plain scan."""
     errors = {k: v for k, v in runs.items() if k.startswith('gradient_error_')}
-    assert len(errors) in (1, 3)  # the model; with the LSTM also the RNN and GRU
+    recurrent = {f'gradient_error_{cell}_{form}' for cell in ('rnn', 'gru', 'lstm') for form in ('fused', 'scan')}
+    assert set(errors) in ({'gradient_error_transformer'}, recurrent)
     for name, error in errors.items():
         assert error < 1e-5, (name, error)
+
+
+def test_xla_repro_script_runs_and_reports(tmp_path):
+    """The standalone repro of the XLA fault runs and prints its numbers. It must not
+    assert the fault (a newer jaxlib may fix it); a fixed one is reported as a warning,
+    since the constraint in RecurrentStack could then come back."""
+    script = os.path.join(ROOT, 'experiments', 'xla_scan_sharding_repro.py')
+    proc = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['devices'] == 8
+    keys = ('scan_grad_error_constraint_false', 'scan_grad_error_constraint_true', 'dot_error')
+    for key in keys:
+        assert 0.0 <= result[key] < float('inf'), (key, result[key])
+        assert f'{key}: ' in proc.stdout
+    print({k: result[k] for k in ('jaxlib',) + keys})
+    if result['scan_grad_error_constraint_true'] < 1e-5 and result['dot_error'] < 1e-5:
+        warnings.warn(f"jaxlib {result['jaxlib']} no longer mis-partitions the dot of "
+                      'experiments/xla_scan_sharding_repro.py: the constraint in RecurrentStack may come back')
 
 
 def test_checkpoint_from_fsdp_tp_continues_under_dp(runs):
@@ -117,7 +143,7 @@ def test_custom_rules_take_precedence():
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/recall.py', '--config.mesh.tensor=8', '--config.mesh.rules=tp'],
      'heads dimension of 4, which does not split over mesh axes tensor of size 8'),
-    (['--config=configs/recall.py:model=lstm', '--config.mesh.tensor=2'],
+    (['--config=configs/recall.py:model=lstm', '--config.model.hidden=79', '--config.mesh.tensor=2'],
      'mlp dimension of 79, which does not split over mesh axes tensor of size 2'),
     (['--config=configs/recall.py', '--config.mesh.data=8', '--config.train.batch_size=12'],
      'train.batch_size=12 is not divisible by mesh data*fsdp=8; use a multiple of 8'),

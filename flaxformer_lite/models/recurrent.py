@@ -108,10 +108,12 @@ class RecurrentStack(nn.Module):
                 y, final = jnp.concatenate([y, y_back], axis=-1), (final, final_back)
             if x_TBD is not None and self._residual(i, x_TBD.shape[-1]):
                 y = y + x_TBD.astype(y.dtype)
-            # No sharding constraint on y: with weights over 'fsdp', pinning these time-major
-            # states to ('act_length', 'act_batch', 'act_mlp') made XLA's SPMD partitioner
-            # (jaxlib 0.10.2) return wrong gradients on a data x fsdp x tensor mesh
-            # (tests/test_parallel.py checks every recurrent cell there).
+            # No sharding constraint on y: pinning these time-major states to ('act_length',
+            # 'act_batch', 'act_mlp') on a data x fsdp x tensor mesh (weights over 'fsdp')
+            # makes XLA's SPMD partitioner (jaxlib 0.10.2) return 10-70% wrong gradients, for
+            # the custom-VJP and the plain-scan recurrence alike: it mis-partitions a dot in the
+            # scan's backward step (experiments/xla_scan_sharding_repro.py, pure jax). The
+            # layout is covered by tests/test_parallel.py (every cell, both recurrences).
             x_TBD = self.drop(y, deterministic=deterministic)
             finals.append(final)
         return x_TBD, finals
