@@ -2,8 +2,9 @@
 
 A path may be a run workdir (holds `results.json`), a sweep workdir (holds `sweep.json`
 and one trial workdir per trial) or a folder holding either, at any depth. A trial that
-`sweep.json` lists but that has no `results.json` yet is "pending"; so is a run workdir
-with a `config.json` and no results. Only files are read: nothing here imports jax.
+`sweep.json` lists but that has no `results.json` yet is "pending", unless the sweep
+runner recorded it as failed or running in `logs/<dir>.json`; a run workdir with a
+`config.json` and no results is pending too. Only files are read: nothing here imports jax.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ RECORD_NUMBERS = ('params_total', 'params_embedding', 'params_non_embedding', 'f
 # (as config.RESUMABLE_FIELDS, less train.steps): never a reason to tell runs apart.
 BOOKKEEPING_FIELDS = ('train.log_every', 'eval.', 'checkpoint.', 'mesh.', 'data.')
 # Directories never searched for runs (a run's own checkpoints can hold thousands of files).
-SKIP_DIRS = ('checkpoints', 'checkpoint', '__pycache__')
+SKIP_DIRS = ('checkpoints', 'checkpoint', '__pycache__', 'jax_cache', 'logs')
+# Where the sweep runner keeps each trial's status (failed / running) and output.
+LOG_DIR = 'logs'
+
 
 
 @dataclasses.dataclass
@@ -112,6 +116,20 @@ def _pending_run(workdir: str, name: str, config: Mapping[str, Any]) -> Run:
                record={'error': 'no results.json yet'})
 
 
+def _with_runner_status(run: Run, path: str) -> Run:
+    """A trial not done, as the sweep runner recorded it in logs/<dir>.json: failed (with
+    its exit code and last error line) or running; anything else stays pending."""
+    try:
+        status = _read_json(path)
+    except (OSError, ValueError):
+        return run
+    if not isinstance(status, dict) or status.get('status') not in ('failed', 'running'):
+        return run
+    record = dict(run.record, status=status['status'], exit_code=status.get('exit_code'),
+                  error=status.get('error') or run.record.get('error', ''), wall_s=status.get('wall_s'))
+    return dataclasses.replace(run, status=status['status'], record=record)
+
+
 def _is_report(path: str) -> bool:
     """The results.json that `write_report` writes is a table, not a run."""
     try:
@@ -135,10 +153,13 @@ def _load_sweep(sweep_dir: str) -> list[Run]:
         trial_dir = os.path.join(sweep_dir, str(trial.get('dir', '')))
         name = str(trial.get('name') or os.path.basename(trial_dir))
         results = os.path.join(trial_dir, 'results.json')
+        status_file = os.path.join(sweep_dir, LOG_DIR, f"{trial.get('dir', '')}.json")
         if os.path.isfile(results):
             run = _run_from_results(results, trial_dir, name)
         else:
             run = _pending_run(trial_dir, name, trial.get('overrides') or {})
+        if run.status != 'done' and os.path.isfile(status_file):
+            run = _with_runner_status(run, status_file)
         for key, value in (trial.get('overrides') or {}).items():
             run.config.setdefault(key, value)
         run.sweep_dir, run.swept_fields = sweep_dir, swept

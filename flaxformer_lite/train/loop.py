@@ -77,6 +77,7 @@ class RunInfo:
     first: tuple[str, ...] = tracking.KEY_FIELDS
     metrics: tuple[str, ...] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trial_id: str | None = None  # the HParams row's ID (default: name); unique across sweeps
 
 
 class StepTimer:
@@ -133,13 +134,14 @@ class _Run:
     far (carried over restarts in the checkpoint's metadata) and where it is written."""
 
     def __init__(self, exp: Experiment, setup: Setup, evaluator: Evaluator, workdir: str, info: RunInfo,
-                 progress: tracking.Progress, writer: tracking.Writer, meta: dict):
+                 progress: tracking.Progress, writer: tracking.Writer, meta: dict, started: float):
         self.exp, self.setup, self.evaluator, self.workdir, self.info = exp, setup, evaluator, workdir, info
         self.progress, self.writer = progress, writer
         self.best: dict[str, dict[str, float]] = dict(meta.get('best', {}))
         self.wall_before, self.train_before = float(meta.get('wall_s', 0.0)), float(meta.get('train_s', 0.0))
         self.timed_before = int(meta.get('timed_steps', 0))
-        self.session_start = time.time()
+        self.session_start = started  # this start of the run: wall time counts from here
+        self.first_step_s: float | None = None  # start-up + compilation: what the compilation cache saves
         self.timer = StepTimer()
         self.last_eval: dict[str, float] = {}
 
@@ -172,6 +174,7 @@ class _Run:
         record = results_lib.build(self.exp, name=self.info.name, workdir=self.workdir, step=step,
                                    metrics={**self.last_eval, **test}, best=self.best, curves=curves,
                                    wall_s=meta['wall_s'], train_s=meta['train_s'], timed_steps=meta['timed_steps'])
+        record['first_step_s'] = self.first_step_s
         if jax.process_index() == 0:
             results_lib.write(self.workdir, record)
         return record
@@ -185,6 +188,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
                        info: RunInfo | None = None) -> dict[str, Any]:
     """Train (or continue training) `exp` in `workdir`, then evaluate the test split and
     write `results.json`. Returns the last metrics logged (and `status`)."""
+    started = time.time()
     cfg = exp.config
     cfg_dict = cfg.to_dict()
     info = info or default_info(workdir)
@@ -223,8 +227,9 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
                 writer.restart_at(start + 1)
             metrics = info.metrics if info.metrics is not None else evaluate.metric_names(exp)
             hparams = {**info.extra, **config_lib.flatten(cfg_dict), **{f'accounting.{k}': v for k, v in counts.items()}}
-            writer.hparams(hparams, [*metrics, 'train/loss'], first=(*info.extra, *info.first), trial_id=info.name)
-            run = _Run(exp, setup, evaluator, workdir, info, progress, writer, meta)
+            writer.hparams(hparams, [*metrics, 'train/loss'], first=(*info.extra, *info.first),
+                           trial_id=info.trial_id or info.name)
+            run = _Run(exp, setup, evaluator, workdir, info, progress, writer, meta, started)
             return _loop(run, state, start, train_it, ckpt, counts)
     finally:
         ckpt.wait()
@@ -270,6 +275,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
             pending.append(metrics)
             if step == start + 1:  # compiled in this step: time from its end
                 jax.block_until_ready(metrics)
+                run.first_step_s = time.time() - run.session_start
                 timer.start()
             progress.update(step)
             is_last = step == steps

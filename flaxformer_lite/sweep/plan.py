@@ -1,0 +1,188 @@
+"""A sweep as it is run: its trials (readable names, folders), their configs, and the
+`sweep.json` that pins the definition to its workdir.
+
+`get_sweep(arg)` in a config file returns the trials; every trial is checked against the
+config (fields exist, values have their field's type, a budget and train.steps are not
+both set) before anything runs or is written. The first run of a sweep writes
+`sweep.json`; a later run compares: trials only added are appended (the recorded ones
+keep their index and folder), a recorded trial missing from the definition is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Any, Mapping
+
+import ml_collections
+
+from flaxformer_lite import config as config_lib
+from flaxformer_lite.errors import ConfigError, UserError
+
+SWEEP_FILE = 'sweep.json'
+LOG_DIR = 'logs'
+CACHE_DIR = 'jax_cache'
+ALIASES = {'train.seed': 'seed'}  # shorter names in trial names
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f'{value:g}'
+    if isinstance(value, (tuple, list)):
+        return '(' + ','.join(format_value(v) for v in value) + ')'
+    return str(value)
+
+
+def trial_name(overrides: Mapping[str, Any], fields: list[str]) -> str:
+    """'model.name=lstm,model.size=mini,seed=1': the trial's values of the swept fields."""
+    parts = [f'{ALIASES.get(k, k)}={format_value(overrides[k])}' for k in fields if k in overrides]
+    return ','.join(parts) or 'base'
+
+
+def trial_dir(index: int, name: str) -> str:
+    """A folder name safe on any filesystem and in shells: '0003_model.name-lstm_seed-1'."""
+    safe = re.sub(r'[^A-Za-z0-9._+-]+', '_', name.replace('=', '-').replace(',', '_')).strip('_')
+    if len(safe) > 120:
+        safe = safe[:100] + '_' + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f'{index:04d}_{safe}'
+
+
+def _key(overrides: Mapping[str, Any]) -> str:
+    return json.dumps(overrides, sort_keys=True, default=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSpec:
+    index: int
+    name: str
+    dir: str
+    overrides: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A sweep bound to its workdir. `overrides` are the sweep command's `--config.*`
+    (applied to every trial before the trial's own)."""
+    config: str
+    overrides: dict[str, str]
+    workdir: str
+    trials: list[TrialSpec]
+    swept_fields: list[str]
+    base: ml_collections.ConfigDict
+    recorded: bool  # sweep.json exists and matches
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(os.path.abspath(self.workdir)))
+
+    def trial_workdir(self, trial: TrialSpec) -> str:
+        return os.path.join(self.workdir, trial.dir)
+
+    def trial_config(self, trial: TrialSpec) -> ml_collections.ConfigDict:
+        cfg = copy.deepcopy(self.base)
+        for field, value in trial.overrides.items():
+            config_lib.set_field(cfg, field, value, parse=False)
+        return cfg
+
+    def record(self) -> None:
+        """Write sweep.json (atomically): the definition this workdir now holds."""
+        os.makedirs(self.workdir, exist_ok=True)
+        payload = {'config': self.config, 'overrides': self.overrides, 'swept_fields': self.swept_fields,
+                   'written': time.strftime('%Y-%m-%dT%H:%M:%S'),
+                   'trials': [dataclasses.asdict(t) for t in self.trials]}
+        path = os.path.join(self.workdir, SWEEP_FILE)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(payload, f, indent=2, default=list)
+        os.replace(path + '.tmp', path)
+        self.recorded = True
+
+
+def _definition(config_spec: str) -> list[dict[str, Any]]:
+    path, _, arg = config_spec.partition(':')
+    module = config_lib._module(path)  # noqa: SLF001 -- the same loader as --config
+    if not hasattr(module, 'get_sweep'):
+        raise UserError(f"--sweep: '{path}' defines no get_sweep(arg); add one that returns a list of trials "
+                        f"(see flaxformer_lite/sweep)")
+    try:
+        trials = module.get_sweep(arg or None)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f'--sweep: get_sweep({arg!r}) of {path} failed: {e}') from None
+    if not isinstance(trials, (list, tuple)) or not all(isinstance(t, Mapping) for t in trials):
+        raise UserError(f'--sweep: get_sweep of {path} must return a list of trials (dicts of field -> value)')
+    if not trials:
+        raise UserError(f'--sweep: get_sweep({arg!r}) of {path} returned no trials')
+    return [dict(t) for t in trials]
+
+
+def _check(base: ml_collections.ConfigDict, index: int, overrides: Mapping[str, Any]) -> None:
+    cfg = copy.deepcopy(base)
+    try:
+        for field, value in overrides.items():
+            config_lib.set_field(cfg, field, value, parse=False)
+        config_lib.check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f'--sweep: trial {index} ({_key(overrides)}): {e}') from None
+
+
+def swept(trials: list[dict[str, Any]]) -> list[str]:
+    """Fields whose value differs between trials (in order of first appearance)."""
+    fields: list[str] = []
+    for t in trials:
+        fields += [k for k in t if k not in fields]
+    return [f for f in fields if len({_key({f: t.get(f, '<unset>')}) for t in trials}) > 1]
+
+
+def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
+    """The sweep of `config_spec` bound to `workdir`: validated, with indices and folders
+    (the recorded ones where sweep.json exists). Reads only."""
+    base = config_lib.load(config_spec, overrides)
+    defined = _definition(config_spec)
+    seen: dict[str, int] = {}
+    for i, overrides_i in enumerate(defined):
+        key = _key(overrides_i)
+        if key in seen:
+            raise UserError(f'--sweep: trials {seen[key]} and {i} are the same ({key}); each trial must differ')
+        seen[key] = i
+        _check(base, i, overrides_i)
+    fields = swept(defined)
+    path = os.path.join(workdir, SWEEP_FILE)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f'--workdir={workdir} is a file, not a directory; choose another --workdir')
+    if not os.path.isfile(path):
+        if os.path.isdir(workdir) and os.listdir(workdir):
+            raise UserError(f'--workdir={workdir} is not empty and holds no sweep ({SWEEP_FILE} missing); choose a new '
+                            f'or empty --workdir')
+        trials = [TrialSpec(i, trial_name(t, fields), trial_dir(i, trial_name(t, fields)), t)
+                  for i, t in enumerate(defined)]
+        return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=False)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        recorded = [TrialSpec(int(t['index']), t['name'], t['dir'], dict(t['overrides'])) for t in old['trials']]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--workdir={workdir}: cannot read {SWEEP_FILE} ({e}); it is damaged: restore it or use a new '
+                        f'--workdir') from None
+    if dict(old.get('overrides', {})) != dict(overrides):
+        raise UserError(f"--workdir={workdir} holds this sweep run with --config overrides {old.get('overrides')}, not "
+                        f'{dict(overrides)}; give the same overrides or choose a new --workdir')
+    keys = {_key(t.overrides) for t in recorded}
+    for t in recorded:
+        if _key(t.overrides) not in seen:
+            raise UserError(f'--workdir={workdir}: the sweep definition changed: trial {t.index} ({t.name}) is no longer '
+                            f'in it; restore the definition or choose a new --workdir (trials may only be added)')
+    trials = sorted(recorded, key=lambda t: t.index)
+    old_fields = list(old.get('swept_fields', fields))
+    fields = old_fields + [f for f in fields if f not in old_fields]
+    for t in defined:  # trials added since: new indices after the recorded ones
+        if _key(t) not in keys:
+            index = len(trials)
+            trials.append(TrialSpec(index, trial_name(t, fields), trial_dir(index, trial_name(t, fields)), t))
+    added = len(trials) > len(recorded)
+    return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=not added)

@@ -1,0 +1,240 @@
+"""Running a sweep's trials: one trial in this process (`--trial=I`, what every scheduler
+calls), or all unfinished ones here, N at a time in separate processes (`--parallel=N`).
+
+Trial workdirs hold only what a run writes. The sweep's own bookkeeping sits beside
+them in `logs/`: `<dir>.log` (the trial's output) and `<dir>.json` (running / failed
+with exit code and last error line / done). A rerun skips trials whose results.json
+says done, resumes unfinished ones from their checkpoints and reruns failed ones; a
+failure never stops the others. All trials share one persistent JAX compilation cache
+(`jax_cache/`), so a shape compiled by one trial is read, not compiled, by the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+from flaxformer_lite.errors import UserError
+from flaxformer_lite.sweep.plan import CACHE_DIR, LOG_DIR, Sweep, TrialSpec
+
+# The metric shown for each trial in progress lines and the final table (first present).
+SHOWN_METRICS = ('test/accuracy', 'test/exact_match', 'test/mse', 'test/loss')
+
+
+def status_path(sweep: Sweep, trial: TrialSpec) -> str:
+    return os.path.join(sweep.workdir, LOG_DIR, trial.dir + '.json')
+
+
+def log_path(sweep: Sweep, trial: TrialSpec) -> str:
+    return os.path.join(sweep.workdir, LOG_DIR, trial.dir + '.log')
+
+
+def write_status(sweep: Sweep, trial: TrialSpec, **fields: Any) -> None:
+    path = status_path(sweep, trial)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    record = {'index': trial.index, 'name': trial.name, 'host': socket.gethostname(), 'pid': os.getpid(),
+              'time': time.strftime('%Y-%m-%dT%H:%M:%S'), **fields}
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def read_status(sweep: Sweep, trial: TrialSpec) -> dict[str, Any]:
+    """{'status': done | failed | running | pending, ...}: results.json first, then logs/."""
+    results = os.path.join(sweep.trial_workdir(trial), 'results.json')
+    if os.path.isfile(results):
+        try:
+            with open(results) as f:
+                record = json.load(f)
+            if record.get('status') == 'done':
+                return record
+        except (OSError, ValueError):
+            pass
+    try:
+        with open(status_path(sweep, trial)) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return {'status': 'pending'}
+    # Only results.json makes a trial done (it may have been deleted to rerun the trial).
+    return {'status': 'pending'} if status.get('status') == 'done' else status
+
+
+def use_compilation_cache(sweep: Sweep) -> None:
+    """Every trial reads and writes one persistent cache under the sweep workdir (also
+    tiny CPU programs: the threshold is lowered from jax's default of one second)."""
+    import jax
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweep.workdir, CACHE_DIR)))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def sweep_metrics(sweep: Sweep) -> tuple[str, ...]:
+    """The metrics every trial logs (declared in the HParams tab: no empty cells)."""
+    from flaxformer_lite import experiment
+    from flaxformer_lite.train import evaluate
+    common: list[str] | None = None
+    for trial in sweep.trials:
+        try:
+            names = evaluate.metric_names(experiment.resolve(sweep.trial_config(trial)))
+        except UserError:
+            continue  # a trial that cannot run adds no column
+        common = names if common is None else [n for n in common if n in names]
+    return tuple(common or ())
+
+
+def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
+    """Run trial `index` in this process; returns the exit status (0 done, 2 user error)."""
+    from flaxformer_lite import experiment
+    from flaxformer_lite.train import loop
+    if not 0 <= index < len(sweep.trials):
+        raise UserError(f'--trial={index} is out of range: the sweep has trials 0..{len(sweep.trials) - 1}')
+    trial = sweep.trials[index]
+    if read_status(sweep, trial).get('status') == 'done':
+        print(f'trial {index} ({trial.name}) is done; nothing to do', file=sys.stderr)
+        return 0
+    use_compilation_cache(sweep)
+    write_status(sweep, trial, status='running')
+    started = time.time()
+    try:
+        exp = experiment.resolve(sweep.trial_config(trial))
+        info = loop.RunInfo(name=trial.name, first=tuple(sweep.swept_fields), metrics=sweep_metrics(sweep),
+                            extra={'sweep': sweep.name}, trial_id=f'{sweep.name}/{trial.name}')
+        result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info)
+    except UserError as e:
+        write_status(sweep, trial, status='failed', exit_code=2, error=str(e), wall_s=time.time() - started)
+        raise
+    except BaseException as e:  # a bug or a kill: recorded, then re-raised with its traceback
+        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        write_status(sweep, trial, status='failed', exit_code=1, error=line, wall_s=time.time() - started)
+        raise
+    if result.get('status') == loop.INTERRUPTED:
+        write_status(sweep, trial, status='interrupted', wall_s=time.time() - started)
+        return 128 + int(result['signal'])
+    write_status(sweep, trial, status='done', wall_s=time.time() - started)
+    return 0
+
+
+def trial_command(sweep: Sweep, trial_index: int | str) -> list[str]:
+    """The command that runs one trial (the same for the local runner and SLURM)."""
+    return [sys.executable, '-m', 'flaxformer_lite', f'--config={sweep.config}', '--sweep', f'--trial={trial_index}',
+            f'--workdir={os.path.abspath(sweep.workdir)}', *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of trial processes: this package importable wherever they start."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
+    return env
+
+
+def _core_groups(n: int) -> list[set[int]]:
+    """The CPUs split into n groups, one per concurrent trial (XLA sizes its thread
+    pool by the CPUs a process may use, so two trials do not fight over all cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if n >= len(cores):
+        return [{cores[i % len(cores)]} for i in range(n)]
+    size = len(cores) // n
+    return [set(cores[i * size:(i + 1) * size]) for i in range(n)]
+
+
+def _shown(record: dict[str, Any]) -> str:
+    metrics = record.get('metrics') or {}
+    name = next((m for m in SHOWN_METRICS if m in metrics), None)
+    return f'{name} {metrics[name]:.4g}' if name else record.get('error', '')[:100]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def run_local(sweep: Sweep, parallel: int) -> int:
+    """Run every unfinished trial, `parallel` at a time; print progress and a final
+    table; 1 if any trial failed (0 otherwise, 128+signal when stopped by one)."""
+    todo = [t for t in sweep.trials if read_status(sweep, t).get('status') != 'done']
+    total = len(sweep.trials)
+    print(f'sweep {sweep.name}: {total} trials, {total - len(todo)} done, {len(todo)} to run, {parallel} at a time',
+          file=sys.stderr, flush=True)
+    groups = _core_groups(parallel)
+    free = list(range(parallel))
+    running: dict[int, tuple[subprocess.Popen, TrialSpec, float, Any]] = {}
+    failed, finished, durations = [], total - len(todo), []
+    stop = {'signal': None}
+
+    def handle(signum, frame):
+        del frame
+        stop['signal'] = signum
+        for proc, *_ in running.values():
+            proc.send_signal(signal.SIGTERM)  # each trial saves a checkpoint and exits
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        queue = list(todo)
+        while queue or running:
+            while queue and free and stop['signal'] is None:
+                trial, slot = queue.pop(0), free.pop(0)
+                os.makedirs(os.path.join(sweep.workdir, LOG_DIR), exist_ok=True)
+                log = open(log_path(sweep, trial), 'a')
+                cores = groups[slot]
+                proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT,
+                                        env=child_env(), preexec_fn=lambda c=cores: os.sched_setaffinity(0, c))
+                running[slot] = (proc, trial, time.time(), log)
+            time.sleep(0.2)
+            for slot, (proc, trial, start, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[slot]
+                free.append(slot)
+                record = read_status(sweep, trial)
+                if code != 0 and record.get('status') not in ('failed', 'interrupted'):
+                    write_status(sweep, trial, status='failed', exit_code=code, error=_last_line(log_path(sweep, trial)),
+                                 wall_s=time.time() - start)  # killed before it could say so itself
+                    record = read_status(sweep, trial)
+                durations.append(time.time() - start)
+                if code == 0:
+                    finished += 1
+                elif record.get('status') != 'interrupted':
+                    failed.append(trial)
+                left = len(queue) + len(running)
+                eta = sum(durations) / len(durations) * left / parallel if left else 0.0
+                verdict = 'done' if code == 0 else record.get('status', 'failed')
+                print(f'[{finished}/{total} done, {len(running)} running, {len(failed)} failed, {len(queue)} left, '
+                      f'ETA {_duration(eta)}] trial {trial.index} ({trial.name}) {verdict} in '
+                      f'{_duration(time.time() - start)}: {_shown(record)}', file=sys.stderr, flush=True)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(summary_table(sweep), file=sys.stderr, flush=True)
+    if stop['signal'] is not None:
+        return 128 + stop['signal']
+    return 1 if failed else 0
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors='replace') as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ''
+    return lines[-1][:300] if lines else ''
+
+
+def summary_table(sweep: Sweep) -> str:
+    """One line per trial: index, status, the shown metric, wall time, name."""
+    rows = ['  #  status       metric                    wall     trial']
+    for trial in sweep.trials:
+        record = read_status(sweep, trial)
+        wall = record.get('wall_s')
+        rows.append(f'{trial.index:>3}  {record.get("status", "pending"):<11}  {_shown(record)[:24]:<24}  '
+                    f'{_duration(wall) if wall else "-":>7}  {trial.name}')
+    return '\n'.join(rows)
