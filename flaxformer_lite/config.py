@@ -32,6 +32,7 @@ from flaxformer_lite.errors import ConfigError
 # Encoder-decoder models use `num_layers` for each stack unless the row says otherwise.
 SIZES: dict[str, dict[str, Any]] = {
     #          layers, width, heads, mlp  -> non-embedding parameters of a decoder-only stack
+    'micro': dict(num_layers=2, d_model=32, num_heads=2, d_ff=128),  # 0.025M (quick CPU experiments)
     'tiny': dict(num_layers=2, d_model=64, num_heads=4, d_ff=256),  # 0.1M
     'mini': dict(num_layers=4, d_model=128, num_heads=4, d_ff=512),  # 0.8M
     'small': dict(num_layers=6, d_model=256, num_heads=8, d_ff=1024),  # 4.7M
@@ -89,6 +90,15 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         residual=False,  # recurrent: residual connections between stacked layers
         rnn_attention='none',  # recurrent seq2seq: none | bahdanau | luong
         unroll=1,  # recurrent scan unroll
+        # linear_attention | mamba | mingru (model.hidden is their width, matched like rnn/lstm/gru's):
+        mlp_expand=placeholder(int),  # channel mixer (model.ffn) width / hidden; 0: none (default 4; mamba 0)
+        la_feature_map='elu',  # linear_attention: elu (elu + 1, normalised) | identity (RetNet's, GLA's)
+        la_decay='none',  # linear_attention: none | retnet (fixed per-head decay) | gated (GLA's data-dependent)
+        chunk_size=16,  # linear_attention: tokens per chunk of the chunked parallel (training) form
+        ssm_state=16,  # mamba: state size N per channel
+        ssm_conv=4,  # mamba: width of the causal depthwise convolution
+        ssm_expand=2,  # mamba: inner channels / hidden
+        mingru_expand=1,  # mingru: recurrent width / hidden (> 1 adds an output projection)
     ))
 
     c.task = tasks.default_config(task_name)

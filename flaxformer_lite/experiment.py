@@ -57,7 +57,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Experiment:
     resolved = family.resolve(model, config_lib.SIZES[cfg.model.size], task.spec)
     unknown = set(resolved) - set(model)
     assert not unknown, f'{family.name}.resolve invented config fields {unknown}'
-    if resolved.get('pos_encoding') == 'learned':
+    if resolved.get('pos_encoding') == 'learned' and resolved.get('max_len') is not None:  # a position table
         for name, other in eval_tasks.items():
             longest = max(other.spec.input_len, other.spec.target_len)
             if longest > resolved['max_len']:

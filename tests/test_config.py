@@ -110,7 +110,7 @@ def test_size_table_non_embedding_counts_match_comments():
     from flaxformer_lite import models, tasks
     spec = tasks.build(tasks.default_config('recall')).spec
     family = models.get('transformer')
-    for size, quoted in [('tiny', 0.1e6), ('mini', 0.8e6), ('small', 4.7e6), ('medium', 25e6), ('base', 85e6),
+    for size, quoted in [('micro', 0.025e6), ('tiny', 0.1e6), ('mini', 0.8e6), ('small', 4.7e6), ('medium', 25e6), ('base', 85e6),
                          ('large', 302e6), ('xl', 680e6), ('1b', 1.2e9)]:
         base = config_lib.base_config('recall').model.to_dict()
         m = family.resolve(base, config_lib.SIZES[size], spec)

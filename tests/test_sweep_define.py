@@ -38,6 +38,7 @@ def test_product_zip_concat_and_seeds():
     paired = sweep.zip({'model.name': ['gru', 'rnn']}, {'optim.learning_rate': [3e-3, 1e-2]})
     assert paired == [{'model.name': 'gru', 'optim.learning_rate': 3e-3},
                       {'model.name': 'rnn', 'optim.learning_rate': 1e-2}]
+    assert sweep.zip({'model.name': ['gru', 'rnn'], 'optim.learning_rate': [3e-3, 1e-2]}) == paired  # fields zip too
     assert sweep.concat(paired, [{'model.name': 'lstm'}]) == paired + [{'model.name': 'lstm'}]
     # A tuple is one value, a list the alternatives.
     assert sweep.product({'eval.dependency_lengths': (16, 32)}) == [{'eval.dependency_lengths': (16, 32)}]
@@ -61,7 +62,8 @@ def test_random_is_seeded_and_stays_in_range():
 
 def test_isoflop_gives_one_trial_per_size_and_budget():
     trials = sweep.isoflop([1e12, 1e13], ['tiny', 'mini', 'small'])
-    assert len(trials) == 6 and trials[0] == {'train.steps': None, 'train.flops_budget': 1e12, 'model.size': 'tiny'}
+    assert len(trials) == 6 and trials[0] == {'train.steps': None, 'train.tokens': None, 'train.flops_budget': 1e12,
+                                              'model.size': 'tiny'}
 
 
 def test_trial_names_are_readable_and_folders_safe():

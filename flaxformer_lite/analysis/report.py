@@ -205,6 +205,9 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     title = spec['title'] or 'Report: ' + ', '.join(
         sorted({r.sweep for r in runs if r.sweep}) or [os.path.basename(os.path.normpath(p)) for p in paths])
     metrics = tables.headline_metrics(runs)
+    chosen = [m for m in (spec['metric'], spec['loss_metric']) if m and m not in metrics
+              and any(r.number(m) is not None for r in runs)]
+    metrics = chosen + metrics  # the metrics the report is about (eval/* when tuning), then the test ones
     md = [f'# {title}', ''] + _read_section(paths, runs, spec)
     md += ['## Results', '', f'Mean ± std over seeds; `runs` is the number of finished runs in each row. '
            f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '

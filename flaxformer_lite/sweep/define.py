@@ -55,12 +55,20 @@ def product(*parts: Part) -> list[Trial]:
 
 
 def zip(*parts: Part) -> list[Trial]:  # noqa: A001 -- the sweep vocabulary, as in other sweep tools
-    """The i-th trials of every part merged; the parts must have equal lengths."""
-    lists = [_trials(p) for p in parts]
+    """The i-th trials of every part merged; the parts must have equal lengths. Here a
+    mapping's fields are zipped too: zip({'a': [1, 2], 'b': [3, 4]}) is a=1,b=3 and a=2,b=4."""
+    lists = [aligned for p in parts for aligned in _zip_part(p)]
     lengths = {len(t) for t in lists}
     if len(lengths) > 1:
         raise ValueError(f'sweep.zip needs parts of one length, got lengths {sorted(len(t) for t in lists)}')
     return [_merge(combo) for combo in builtins.zip(*lists)]
+
+
+def _zip_part(part: Part) -> list[list[Trial]]:
+    """A part of `zip` as a list of aligned lists: one per field of a mapping."""
+    if isinstance(part, Mapping):
+        return [_trials({field: values}) for field, values in part.items()]
+    return [_trials(part)]
 
 
 def concat(*parts: Part) -> list[Trial]:
@@ -130,5 +138,6 @@ def random(n: int, seed: int, **distributions: Distribution | Any) -> list[Trial
 def isoflop(budgets: Sequence[float], sizes: Sequence[str], *, field: str = 'model.size') -> list[Trial]:
     """IsoFLOP profiles (Hoffmann et al. 2022): for each compute budget, one trial per
     model size, each trained for the steps that spend the budget (`train.flops_budget`;
-    `train.steps` is unset). Combine with `product` for several families."""
-    return [{'train.steps': None, 'train.flops_budget': float(c), field: s} for c in budgets for s in sizes]
+    `train.steps` and `train.tokens` are unset). Combine with `product` for several families."""
+    return [{'train.steps': None, 'train.tokens': None, 'train.flops_budget': float(c), field: s}
+            for c in budgets for s in sizes]

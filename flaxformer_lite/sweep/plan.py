@@ -86,10 +86,7 @@ class Sweep:
         return os.path.join(self.workdir, trial.dir)
 
     def trial_config(self, trial: TrialSpec) -> ml_collections.ConfigDict:
-        cfg = copy.deepcopy(self.base)
-        for field, value in trial.overrides.items():
-            config_lib.set_field(cfg, field, value, parse=False)
-        return cfg
+        return _apply(base_for(self.config, self.overrides, self.base, trial.overrides), trial.overrides)
 
     def record(self) -> None:
         """Write sweep.json (atomically): the definition this workdir now holds."""
@@ -121,14 +118,48 @@ def _definition(config_spec: str) -> list[dict[str, Any]]:
     return [dict(t) for t in trials]
 
 
-def _check(base: ml_collections.ConfigDict, index: int, overrides: Mapping[str, Any]) -> None:
+def base_for(config_spec: str, overrides: Mapping[str, str], base: ml_collections.ConfigDict,
+             trial: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The config a trial starts from. A trial that sets `task.name` to another task
+    starts from `get_config('ARG,task=NAME')` (each task has its own knobs), so the
+    config file's get_config must take `task=` (make_config does)."""
+    name = trial.get('task.name')
+    if name is None or name == base.task.name:
+        return base
+    path, _, arg = config_spec.partition(':')
+    return config_lib.load(f"{path}:{','.join(a for a in (arg, f'task={name}') if a)}", overrides)
+
+
+def _apply(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     cfg = copy.deepcopy(base)
+    for field, value in overrides.items():
+        config_lib.set_field(cfg, field, value, parse=False)
+    return cfg
+
+
+def _check(config_spec: str, overrides: Mapping[str, str], base: ml_collections.ConfigDict, index: int,
+           trial: Mapping[str, Any]) -> None:
     try:
-        for field, value in overrides.items():
-            config_lib.set_field(cfg, field, value, parse=False)
-        config_lib.check(cfg)
+        config_lib.check(_apply(base_for(config_spec, overrides, base, trial), trial))
     except ConfigError as e:
-        raise ConfigError(f'--sweep: trial {index} ({_key(overrides)}): {e}') from None
+        raise ConfigError(f'--sweep: trial {index} ({_key(trial)}): {e}') from None
+
+
+def naming_fields(trials: list[dict[str, Any]], fields: list[str]) -> list[str]:
+    """The swept fields a name needs: one that another (earlier) named field determines,
+    as a learning rate zipped with the family or a seq_len zipped with the dependency
+    length, is left out of names (it stays in sweep.json and the HParams tab)."""
+    named: list[str] = []
+    for f in fields:
+        determined = False
+        for g in named:
+            seen: dict[str, str] = {}
+            if all(seen.setdefault(_key({g: t.get(g)}), _key({f: t.get(f)})) == _key({f: t.get(f)}) for t in trials):
+                determined = True
+                break
+        if not determined:
+            named.append(f)
+    return named
 
 
 def swept(trials: list[dict[str, Any]]) -> list[str]:
@@ -150,16 +181,17 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
         if key in seen:
             raise UserError(f'--sweep: trials {seen[key]} and {i} are the same ({key}); each trial must differ')
         seen[key] = i
-        _check(base, i, overrides_i)
+        _check(config_spec, overrides, base, i, overrides_i)
     fields = swept(defined)
     path = os.path.join(workdir, SWEEP_FILE)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f'--workdir={workdir} is a file, not a directory; choose another --workdir')
+    names = naming_fields(defined, fields)
     if not os.path.isfile(path):
         if os.path.isdir(workdir) and os.listdir(workdir):
             raise UserError(f'--workdir={workdir} is not empty and holds no sweep ({SWEEP_FILE} missing); choose a new '
                             f'or empty --workdir')
-        trials = [TrialSpec(i, trial_name(t, fields), trial_dir(i, trial_name(t, fields)), t)
+        trials = [TrialSpec(i, trial_name(t, names), trial_dir(i, trial_name(t, names)), t)
                   for i, t in enumerate(defined)]
         return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=False)
     try:
@@ -180,9 +212,10 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
     trials = sorted(recorded, key=lambda t: t.index)
     old_fields = list(old.get('swept_fields', fields))
     fields = old_fields + [f for f in fields if f not in old_fields]
+    names = naming_fields(defined, fields)
     for t in defined:  # trials added since: new indices after the recorded ones
         if _key(t) not in keys:
             index = len(trials)
-            trials.append(TrialSpec(index, trial_name(t, fields), trial_dir(index, trial_name(t, fields)), t))
+            trials.append(TrialSpec(index, trial_name(t, names), trial_dir(index, trial_name(t, names)), t))
     added = len(trials) > len(recorded)
     return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=not added)

@@ -42,6 +42,13 @@ class Parity(Task):
     def min_seq_len(cls, cfg: Mapping) -> int:
         return cfg['dependency_length']
 
+    def with_dependency_length(self, length: int) -> 'Parity':
+        """Evaluation at another length uses strings of exactly that length, also when
+        training draws variable lengths: a length-generalisation score must not be
+        propped up by the short strings of a variable-length set."""
+        other = super().with_dependency_length(length)
+        return type(self)(dict(other.cfg, variable_length=False))
+
     @property
     def spec(self) -> TaskSpec:
         return TaskSpec(kind='classify', vocab_size=ONE + 1, input_len=self.cfg['seq_len'],
