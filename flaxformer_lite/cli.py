@@ -16,6 +16,14 @@ Running again on a workdir resumes it. Several hosts: `jax.distributed` is start
 SLURM / Open MPI / Cloud TPU, or explicitly with `--coordinator=HOST:PORT
 --num_processes=N --process_id=I`. Mistakes in config, flags, files or workdir print
 one line and exit with status 2.
+
+Exit statuses: 0 done; 1 a bug (with its traceback), or a sweep with a failed trial;
+2 a user error (nothing was written; the line names the field and the fix), also a
+workdir in use by another process; 3 a NaN/Inf loss or gradient stopped training (the
+last checkpoint is intact); 4 the workdir's disk refused a write (full, read-only); 5 a
+multi-host run lost a process (it never joined, died or hangs); 128+N stopped by signal
+N after saving a checkpoint (130 Ctrl-C, 143 SIGTERM). Whatever the status, running
+the same command again resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ import argparse
 import difflib
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 
 from flaxformer_lite.errors import UserError
@@ -36,7 +47,8 @@ FLAGS_HELP = {
     'coordinator': 'HOST:PORT of process 0, to start jax.distributed explicitly',
     'num_processes': 'number of processes (with --coordinator)',
     'process_id': 'this process (with --coordinator)',
-    'distributed_timeout': 'seconds to wait for every process to arrive (default 300)',
+    'distributed_timeout': 'seconds to wait for every process to arrive, and after which a process that sends '
+                           'no heartbeat counts as dead and ends the run (default 300)',
     'quiet': 'no progress output',
     'eval_only': 'evaluate the latest checkpoint of --workdir (eval and test splits) and update its results.json',
     'sweep': "run the trials of the config file's get_sweep(ARG), each in a folder of --workdir",
@@ -117,6 +129,17 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError('--config=FILE.py[:ARG] is required, e.g. --config=configs/recall.py:quick')
     if args.show_examples < 0:
         raise UserError('--show_examples must be a positive number of examples')
+    if args.slurm_args and not args.slurm:
+        raise UserError('--slurm_args needs --slurm (and --sweep)')
+    if args.distributed_timeout <= 0:
+        raise UserError(f'--distributed_timeout={args.distributed_timeout} must be a positive number of seconds')
+    if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+        raise UserError('--coordinator needs --num_processes=N and --process_id=I as well')
+    if args.coordinator is None and (args.num_processes is not None or args.process_id is not None):
+        raise UserError('--num_processes/--process_id need --coordinator=HOST:PORT (the address of process 0)')
+    if args.coordinator is not None and not 0 <= args.process_id < args.num_processes:
+        raise UserError(f'--process_id={args.process_id} must be in [0, {args.num_processes}): one of the '
+                        f'--num_processes={args.num_processes} processes')
 
 
 def show_examples(exp, n: int) -> str:
@@ -151,12 +174,7 @@ def _saved_config(workdir: str, overrides: dict[str, str]):
     if not os.path.isfile(path):
         raise UserError(f'--workdir={workdir} holds no run ({checkpoint.CONFIG_FILE} missing); give the workdir of a '
                         f'trained run')
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f'--workdir={workdir}: cannot read {checkpoint.CONFIG_FILE} ({e})') from None
-    cfg = config.from_saved(saved, path)
+    cfg = config.from_saved(checkpoint.read_config(workdir), path)
     for dotted, raw in overrides.items():
         config.set_field(cfg, dotted, raw)
     return cfg
@@ -200,8 +218,11 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 raise UserError(f'--trial: the sweep in {args.workdir} was defined with other trials; rerun the sweep '
                                 f'command (without --trial) to record the new definition first')
         return runner.run_trial(sweep, args.trial, verbose=not args.quiet)
-    sweep.record()
+    from flaxformer_lite import lock
     if args.slurm:
+        slurm.sbatch_options(args.slurm_args)  # a bad option is refused before sweep.json is written
+        lock.check_free(args.workdir)  # not while a local runner runs this sweep
+        sweep.record()
         path, todo = slurm.write_script(sweep, args.slurm_args)
         if not todo:
             print(f'sweep {sweep.name}: every trial is done; nothing to submit', file=sys.stderr)
@@ -211,7 +232,12 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             job = slurm.submit(path)
             print(f'submitted job {job}; `squeue -j {job}` follows it, `--report` reads the results', file=sys.stderr)
         return 0
-    return runner.run_local(sweep, args.parallel)
+    held = lock.acquire(args.workdir, kind='sweep')  # one runner per sweep; a second is refused here
+    try:
+        sweep.record()
+        return runner.run_local(sweep, args.parallel)
+    finally:
+        held.release()
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -241,17 +267,100 @@ def _report_spec(config_spec: str | None, paths: list[str]):
         return None
     from flaxformer_lite import config
     module = config._module(path)  # noqa: SLF001
-    return module.get_report(arg or None) if hasattr(module, 'get_report') else None
+    return config.call(module, 'get_report', arg or None, path) if hasattr(module, 'get_report') else None
+
+
+SUPERVISED = 'FLAXFORMER_SUPERVISED'  # set in the child a supervisor runs
+# The end of a process jax.distributed stopped (glog lines, a check failure, its status).
+_DISTRIBUTED_FATAL = re.compile(r'coordination_service|Terminating process because the JAX distributed service|'
+                                r'\bclient\.h:\d+\]')
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A preexec_fn: the child gets `sig` when the process that started it dies (Linux),
+    so killing a runner or supervisor (even with kill -9) never leaves its work running."""
+    def preexec() -> None:
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    return preexec
+
+
+def _cluster_launch() -> bool:
+    """Several processes started by a cluster launcher (as parallel.initialize_distributed detects)."""
+    return (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+            or 'TPU_WORKER_HOSTNAMES' in os.environ)
+
+
+def _distributed_failure(lines: list[str], args: argparse.Namespace) -> str:
+    """One line saying why jax.distributed ended this process, from what it printed."""
+    text = '\n'.join(lines)
+    who = f'process {args.process_id} of {args.num_processes}' if args.num_processes else 'this process'
+    rerun = 'run the same command on every process again to resume from the last checkpoint'
+    if 'stopped sending heartbeats' in text:
+        after = text.split('stopped sending heartbeats', 1)[1]
+        ids = list(dict.fromkeys(re.findall(r'^\s*(\d+)\s*$', after, flags=re.M)))[:8]  # jax repeats them
+        dead = f"process {', '.join(ids)}" if ids else 'another process'
+        return (f'jax.distributed: {dead} stopped responding (no heartbeat for --distributed_timeout='
+                f'{args.distributed_timeout} s: it died or hangs), so {who} stops too; {rerun}')
+    if 'RegisterTask' in text or 'DEADLINE_EXCEEDED' in text or 'Barrier timed out' in text:
+        return (f'jax.distributed: not every process joined within --distributed_timeout={args.distributed_timeout} '
+                f's (coordinator {args.coordinator or "from the cluster"}); start all of them with the same '
+                f'--coordinator and --num_processes and each its own --process_id, or raise --distributed_timeout')
+    if 'Failed to send RPC' in text or 'leader task' in text or 'UNAVAILABLE' in text or 'Socket closed' in text:
+        return (f'jax.distributed: lost the coordinator (process 0 at {args.coordinator or "the cluster address"} '
+                f'died or is unreachable), so {who} stops too; {rerun}')
+    first = next((x for x in lines if 'absl::Status' in x or 'Error' in x), lines[0] if lines else '')
+    return f'jax.distributed stopped {who}: {" ".join(first.split())[:300]}; {rerun}'
+
+
+def supervise(argv: list[str], args: argparse.Namespace) -> int:
+    """Run this command again as a child and watch it. jax.distributed ends a process
+    whose peer never joined, died or hangs with an abort (SIGABRT) and pages of C++
+    traces; the supervisor turns that into one line and exit status 5. Everything else
+    the child prints passes through; signals (Ctrl-C, a scheduler's SIGTERM) are passed
+    on; the child dies with the supervisor."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **{SUPERVISED: '1'})
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
+    proc = subprocess.Popen([sys.executable, '-u', '-m', 'flaxformer_lite', *argv], stderr=subprocess.PIPE,
+                            env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
+                            text=True, errors='replace', bufsize=1)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held: list[str] = []  # what jax.distributed printed as it ended the child
+    try:
+        for line in proc.stderr:
+            if held or _DISTRIBUTED_FATAL.search(line):
+                held.append(line.rstrip('\n'))
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if held and code != 0:
+        print(f'error: {_distributed_failure(held, args)}', file=sys.stderr, flush=True)
+        return 5
+    for line in held:  # not the end after all
+        print(line, file=sys.stderr)
+    return 128 - code if code < 0 else code
 
 
 def main(argv: list[str]) -> int:
     try:
         args, overrides = parse(argv)
+        if (not (args.sweep or args.report) and not os.environ.get(SUPERVISED)
+                and (args.coordinator is not None or _cluster_launch())):
+            return supervise(argv, args)
         if args.report:
             return run_report(args)
-        from flaxformer_lite import config, experiment, parallel
-        if args.sweep:
+        if args.sweep:  # before importing jax: a refused runner or trial says so at once
             return run_sweep(args, overrides)
+        from flaxformer_lite import config, experiment, parallel
         cfg = config.load(args.config, overrides) if args.config else _saved_config(args.workdir, overrides)
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                         timeout_s=args.distributed_timeout)
@@ -273,6 +382,12 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- the run's own failures (numeric, storage) carry their status
+        status = getattr(type(e), 'exit_status', None)
+        if status is None:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        return status
     if result.get('status') == 'interrupted':
         return 128 + int(result['signal'])  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from ml_collections.config_dict import placeholder
 
 from flaxformer_lite import tasks
-from flaxformer_lite.errors import ConfigError
+from flaxformer_lite.errors import ConfigError, UserError
 
 # One table of model sizes (big_vision style). A field of `model` left unset (None)
 # takes the value of the row named by `model.size`. Recurrent models use the row's
@@ -111,6 +111,7 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         seed=0,  # parameter init, dropout and shuffling (the data itself: task.seed)
         log_every=50,  # steps between train/* summaries and progress lines
         label_smoothing=0.0,
+        skip_nonfinite=False,  # NaN/Inf loss or gradients: False stops the run (exit 3); True skips the update
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-3,  # peak
@@ -289,13 +290,46 @@ def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any, *, parse: b
         raise ConfigError(f'config field {dotted}={raw!r}: {e}') from None
 
 
+def _config_error(path: str, error: BaseException, what: str) -> ConfigError:
+    """One line naming the config file, the line in it and the exception."""
+    if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == os.path.abspath(path):
+        return ConfigError(f"--config: {path}, line {error.lineno}: SyntaxError: {error.msg}; fix the file")
+    line = None
+    tb = error.__traceback__
+    while tb is not None:  # the innermost frame in the config file itself
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = f', line {line}' if line is not None else ''
+    message = ' '.join(str(error).split()) or '(no message)'
+    return ConfigError(f'--config: {path}{where}: {what} raised {type(error).__name__}: {message[:300]}; fix the file')
+
+
 def _module(path: str):
+    """Import a config file; a file that does not import (syntax error, an exception at
+    import) or defines no get_config is one line naming the file and the line."""
     module_spec = importlib.util.spec_from_file_location(f'_flaxformer_config_{abs(hash(path))}', path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever the file raises is the user's to fix
+        raise _config_error(path, e, 'importing it') from None
     if not hasattr(module, 'get_config'):
         raise ConfigError(f"--config: '{path}' defines no get_config(arg)")
     return module
+
+
+def call(module, name: str, arg: str | None, path: str):
+    """`module.<name>(arg)` (get_config, get_sweep, get_report of a config file); an
+    exception it raises (other than our own one-line errors) names the file and line."""
+    try:
+        return getattr(module, name)(arg)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _config_error(path, e, f'{name}({arg!r})') from None
 
 
 def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigDict:
@@ -324,7 +358,7 @@ def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigD
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 -- absl / ml_collections raise many kinds; each becomes one line
-        cfg = _module(path).get_config(arg or None)
+        cfg = call(_module(path), 'get_config', arg or None, path)
         for dotted, raw in overrides.items():
             set_field(cfg, dotted, raw)  # raises the precise error where it can
         if any(str(raw).strip().lower() in ('none', 'null') for raw in overrides.values()):

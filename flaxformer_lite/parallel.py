@@ -190,7 +190,17 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            process_id: int | None = None, timeout_s: int = 300) -> bool:
     """Start `jax.distributed` when asked (`--coordinator=...`) or when a cluster launcher
     (SLURM, Open MPI) started several processes; Cloud TPU pods are detected by JAX.
-    A peer that never arrives ends start-up with an error after `timeout_s`."""
+
+    `timeout_s` (--distributed_timeout) bounds both ways a run can lose a process: one
+    that never arrives ends start-up after `timeout_s` (jax's initialization_timeout), one
+    that dies or hangs mid-run is declared dead by the coordination service when it has
+    sent no heartbeat for `timeout_s` (heartbeat_timeout_seconds; jax's default is 100 s).
+    Without it a survivor would wait forever: a CPU (gloo) collective with a dead peer
+    never returns. jax ends such processes with a fatal error (an abort; the
+    `missed_heartbeat_callback` of its client crashes with std::bad_cast in jaxlib 0.10.2,
+    so it cannot be caught in Python); `cli.supervise` turns that into one line and exit
+    status 5. When process 0 dies, the others lose the coordination service at once and
+    end immediately."""
     explicit = coordinator is not None
     if explicit and (num_processes is None or process_id is None):
         raise ConfigError('--coordinator needs --num_processes=N and --process_id=I as well')
@@ -202,7 +212,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         return False
     if explicit and not 0 <= process_id < num_processes:
         raise ConfigError(f'--process_id={process_id} must be in [0, {num_processes})')
-    kwargs = dict(initialization_timeout=timeout_s)
+    kwargs = dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s)
     if explicit:
         kwargs.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     jax.distributed.initialize(**kwargs)

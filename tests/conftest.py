@@ -51,3 +51,229 @@ def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
 @pytest.fixture
 def workdir(tmp_path):
     return str(tmp_path / 'run')
+
+
+def tree_snapshot(path) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, sha256)} of every file under `path` ({} if it does not exist):
+    a workdir compared byte for byte before and after something that must not touch it."""
+    import hashlib
+    out = {}
+    for root, dirs, files in os.walk(str(path)):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), str(path)) + '/'] = (0, '')
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, 'rb') as f:
+                out[os.path.relpath(full, str(path))] = (os.path.getsize(full), hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def event_history(workdir: str) -> dict[str, list[tuple[int, object]]]:
+    """{tag: [(step, value), ...]} as TensorBoard shows a run: every event file, in order,
+    with orphaned events purged at SessionLog restarts (EventAccumulator's default) and
+    nothing sampled away; a step logged twice appears twice."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+    acc = EventAccumulator(workdir, size_guidance={'tensors': 0}, purge_orphaned_data=True)
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()['tensors']:
+        events = acc.Tensors(tag)
+        try:
+            out[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events]
+        except (TypeError, ValueError):
+            out[tag] = [(e.step, None) for e in events]  # text, images, hparams
+    return out
+
+
+def restore_state(workdir: str, cfg, step: int | None = None):
+    """The train state of `workdir`'s checkpoint `step` (default: the newest), as numpy."""
+    import jax
+    import flax.linen as nn
+    from flaxformer_lite import experiment
+    from flaxformer_lite.train import checkpoint, setup as setup_lib
+    exp = experiment.resolve(cfg)
+    setup = setup_lib.build(exp)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=10, async_save=False, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            state, _ = ckpt.restore(step, setup.abstract_state)
+        return jax.device_get(state)
+    finally:
+        ckpt.close()
+
+
+def assert_same_tree(a, b) -> None:
+    """Bit for bit: same structure, every leaf equal (NaNs included)."""
+    import jax
+    import numpy as np
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], lb):
+        assert np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True), jax.tree_util.keystr(path)
+
+
+# The source of Zygote's server process (run with python -c).
+_ZYGOTE = r'''
+import json, os, signal, sys, threading, time, traceback
+sys.path[:0] = [os.environ['ZYGOTE_ROOT'], os.path.join(os.environ['ZYGOTE_ROOT'], 'tests')]
+import jax
+jax.config.update('jax_compilation_cache_dir', os.environ['ZYGOTE_CACHE'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+from flaxformer_lite import cli, tracking
+from flaxformer_lite.train import checkpoint, evaluate, results
+import tensorboard.summary.writer.event_file_writer, orbax.checkpoint, grain  # noqa: F401
+
+def die():
+    sys.stderr.write('ZYGOTE: killing myself now\n'); sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def install(plan):
+    """Where this child kills itself with SIGKILL (a plan from the test)."""
+    kind = plan.get('kind')
+    if kind == 'after_seconds':
+        threading.Timer(plan['seconds'], die).start()
+    elif kind == 'at_step':
+        update = tracking.Progress.update
+        def at(self, step):
+            update(self, step)
+            if step == plan['step']:
+                die()
+        tracking.Progress.update = at
+    elif kind == 'in_save':  # the async save of step plan['step'] dispatched: die while it writes
+        save = checkpoint.Checkpointer.save
+        def saving(self, step, *a, **k):
+            save(self, step, *a, **k)
+            if step == plan['step']:
+                time.sleep(plan.get('delay', 0.0))
+                die()
+        checkpoint.Checkpointer.save = saving
+    elif kind == 'in_test_eval':
+        call = evaluate.Evaluator.__call__
+        def evaluating(self, params, split='eval'):
+            if split == 'test':
+                die()
+            return call(self, params, split)
+        evaluate.Evaluator.__call__ = evaluating
+    elif kind == 'before_results':
+        def writing(workdir, record):
+            die()
+        results.write = writing
+    elif kind == 'mid_results':  # the temporary file written, not yet renamed
+        def writing(workdir, record):
+            path = os.path.join(workdir, results.RESULTS_FILE)
+            with open(path + '.tmp', 'w') as f:
+                json.dump(record, f)
+            die()
+        results.write = writing
+    if plan.get('cpus'):
+        os.sched_setaffinity(0, plan['cpus'])
+
+print('ready', flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    if request['op'] == 'start':
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sys.stdin.close()
+                fd = os.open(request['log'], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                os.dup2(fd, 1); os.dup2(fd, 2)
+                sys.stdout = os.fdopen(1, 'w', buffering=1); sys.stderr = os.fdopen(2, 'w', buffering=1)
+                os.chdir(request.get('cwd') or os.environ['ZYGOTE_ROOT'])
+                install(request.get('plan') or {})
+                code = cli.main(request['argv'])
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+        print(json.dumps({'pid': pid}), flush=True)
+    elif request['op'] == 'wait':
+        _, status = os.waitpid(request['pid'], 0)
+        print(json.dumps({'code': os.waitstatus_to_exitcode(status)}), flush=True)
+'''
+
+
+class Zygote:
+    """A server process that imports jax and flaxformer_lite once, then forks one child
+    per command (`cli.main(argv)`), so a test can start, kill -9 and restart real runs
+    without paying the imports each time (seconds on a 2-core machine). A child may be
+    told where to kill itself (`plan`: at_step, after_seconds, in_save, in_test_eval,
+    before_results, mid_results). All children share one persistent compilation cache."""
+
+    def __init__(self, cache_dir: str, env: dict | None = None):
+        import subprocess
+        import sys
+        self.children: set[int] = set()
+        full_env = dict(os.environ, ZYGOTE_ROOT=ROOT, ZYGOTE_CACHE=str(cache_dir), **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, '-c', _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=full_env, cwd=ROOT)
+        ready = self.proc.stdout.readline()
+        assert ready.strip() == 'ready', ready
+
+    def _ask(self, request: dict) -> dict:
+        import json
+        self.proc.stdin.write(json.dumps(request) + '\n')
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def start(self, argv: list[str], log: str, plan: dict | None = None) -> int:
+        pid = self._ask({'op': 'start', 'argv': [str(a) for a in argv], 'log': str(log), 'plan': plan or {}})['pid']
+        self.children.add(pid)
+        return pid
+
+    def wait(self, pid: int) -> int:
+        """The child's exit status (-9 when killed by SIGKILL)."""
+        code = self._ask({'op': 'wait', 'pid': pid})['code']
+        self.children.discard(pid)
+        return code
+
+    def run(self, argv: list[str], log: str, plan: dict | None = None) -> int:
+        return self.wait(self.start(argv, log, plan))
+
+    def close(self) -> None:
+        import signal
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.stdin.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope='session')
+def shared_jax_cache(tmp_path_factory):
+    """One persistent compilation cache folder for the in-process runs and the Zygote's."""
+    return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+@pytest.fixture(scope='module')
+def zygote(shared_jax_cache):
+    z = Zygote(shared_jax_cache)
+    yield z
+    z.close()
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(shared_jax_cache):
+    """A persistent JAX compilation cache for this module's in-process runs (each run jits
+    its steps afresh; from the cache that costs a read, not a compile), shared with the
+    Zygote's runs."""
+    import jax
+    from jax._src import compilation_cache as cc
+    names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+             'jax_persistent_cache_min_entry_size_bytes')
+    old = {n: getattr(jax.config, n) for n in names}
+    for name, value in zip(names, (shared_jax_cache, 0.0, 0)):
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()

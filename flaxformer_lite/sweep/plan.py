@@ -28,6 +28,7 @@ SWEEP_FILE = 'sweep.json'
 LOG_DIR = 'logs'
 CACHE_DIR = 'jax_cache'
 ALIASES = {'train.seed': 'seed'}  # shorter names in trial names
+BOOKKEEPING = ('lock.json',)  # what a runner holding the workdir leaves there (flaxformer_lite/lock.py)
 
 
 def format_value(value: Any) -> str:
@@ -107,10 +108,7 @@ def _definition(config_spec: str) -> list[dict[str, Any]]:
     if not hasattr(module, 'get_sweep'):
         raise UserError(f"--sweep: '{path}' defines no get_sweep(arg); add one that returns a list of trials "
                         f"(see flaxformer_lite/sweep)")
-    try:
-        trials = module.get_sweep(arg or None)
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f'--sweep: get_sweep({arg!r}) of {path} failed: {e}') from None
+    trials = config_lib.call(module, 'get_sweep', arg or None, path)  # an exception names the file and line
     if not isinstance(trials, (list, tuple)) or not all(isinstance(t, Mapping) for t in trials):
         raise UserError(f'--sweep: get_sweep of {path} must return a list of trials (dicts of field -> value)')
     if not trials:
@@ -188,7 +186,7 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
         raise UserError(f'--workdir={workdir} is a file, not a directory; choose another --workdir')
     names = naming_fields(defined, fields)
     if not os.path.isfile(path):
-        if os.path.isdir(workdir) and os.listdir(workdir):
+        if os.path.isdir(workdir) and [n for n in os.listdir(workdir) if n not in BOOKKEEPING]:
             raise UserError(f'--workdir={workdir} is not empty and holds no sweep ({SWEEP_FILE} missing); choose a new '
                             f'or empty --workdir')
         trials = [TrialSpec(i, trial_name(t, names), trial_dir(i, trial_name(t, names)), t)

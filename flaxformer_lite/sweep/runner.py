@@ -7,6 +7,13 @@ with exit code and last error line / done). A rerun skips trials whose results.j
 says done, resumes unfinished ones from their checkpoints and reruns failed ones; a
 failure never stops the others. All trials share one persistent JAX compilation cache
 (`jax_cache/`), so a shape compiled by one trial is read, not compiled, by the next.
+
+Safe to kill at any moment: the runner holds the sweep workdir's lock (a second runner
+is refused), each trial process holds its trial workdir's lock (a second `--trial=I`, or
+a SLURM array task given the same trial, is refused before it writes anything, status
+file included) and gets SIGTERM when the runner dies (kill -9 included), so it saves a
+checkpoint and exits. A rerun waits for trials still held by a live process and
+resumes the others; each trial finishes exactly once.
 """
 
 from __future__ import annotations
@@ -90,35 +97,49 @@ def sweep_metrics(sweep: Sweep) -> tuple[str, ...]:
 
 
 def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
-    """Run trial `index` in this process; returns the exit status (0 done, 2 user error)."""
-    from flaxformer_lite import experiment
-    from flaxformer_lite.train import loop
+    """Run trial `index` in this process; returns the exit status (0 done, 2 user error).
+    The trial's workdir lock is taken first: a trial another process runs is refused
+    (UserError) before this process writes anything."""
+    from flaxformer_lite import lock as lock_lib
     if not 0 <= index < len(sweep.trials):
         raise UserError(f'--trial={index} is out of range: the sweep has trials 0..{len(sweep.trials) - 1}')
     trial = sweep.trials[index]
     if read_status(sweep, trial).get('status') == 'done':
         print(f'trial {index} ({trial.name}) is done; nothing to do', file=sys.stderr)
         return 0
-    use_compilation_cache(sweep)
-    write_status(sweep, trial, status='running')
-    started = time.time()
+    held = lock_lib.acquire(sweep.trial_workdir(trial), flag=f'--trial={index}: its workdir')
+    undo = False
     try:
-        exp = experiment.resolve(sweep.trial_config(trial))
-        info = loop.RunInfo(name=trial.name, first=tuple(sweep.swept_fields), metrics=sweep_metrics(sweep),
-                            extra={'sweep': sweep.name}, trial_id=f'{sweep.name}/{trial.name}')
-        result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info)
-    except UserError as e:
-        write_status(sweep, trial, status='failed', exit_code=2, error=str(e), wall_s=time.time() - started)
-        raise
-    except BaseException as e:  # a bug or a kill: recorded, then re-raised with its traceback
-        line = traceback.format_exception_only(type(e), e)[-1].strip()
-        write_status(sweep, trial, status='failed', exit_code=1, error=line, wall_s=time.time() - started)
-        raise
-    if result.get('status') == loop.INTERRUPTED:
-        write_status(sweep, trial, status='interrupted', wall_s=time.time() - started)
-        return 128 + int(result['signal'])
-    write_status(sweep, trial, status='done', wall_s=time.time() - started)
-    return 0
+        if read_status(sweep, trial).get('status') == 'done':  # finished by another process meanwhile
+            undo = True
+            print(f'trial {index} ({trial.name}) is done; nothing to do', file=sys.stderr)
+            return 0
+        from flaxformer_lite import experiment  # jax: after the lock, so a refusal is quick
+        from flaxformer_lite.train import loop
+        use_compilation_cache(sweep)
+        write_status(sweep, trial, status='running')
+        started = time.time()
+        try:
+            exp = experiment.resolve(sweep.trial_config(trial))
+            info = loop.RunInfo(name=trial.name, first=tuple(sweep.swept_fields), metrics=sweep_metrics(sweep),
+                                extra={'sweep': sweep.name}, trial_id=f'{sweep.name}/{trial.name}')
+            result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info)
+        except UserError as e:
+            undo = True
+            write_status(sweep, trial, status='failed', exit_code=2, error=str(e), wall_s=time.time() - started)
+            raise
+        except BaseException as e:  # a bug or a kill: recorded, then re-raised (with its traceback if a bug)
+            status = getattr(type(e), 'exit_status', 1)
+            line = str(e) if status != 1 else traceback.format_exception_only(type(e), e)[-1].strip()
+            write_status(sweep, trial, status='failed', exit_code=status, error=line, wall_s=time.time() - started)
+            raise
+        if result.get('status') == loop.INTERRUPTED:
+            write_status(sweep, trial, status='interrupted', wall_s=time.time() - started)
+            return 128 + int(result['signal'])
+        write_status(sweep, trial, status='done', wall_s=time.time() - started)
+        return 0
+    finally:
+        held.release(undo=undo)
 
 
 def trial_command(sweep: Sweep, trial_index: int | str) -> list[str]:
@@ -158,7 +179,10 @@ def _duration(seconds: float) -> str:
 
 def run_local(sweep: Sweep, parallel: int) -> int:
     """Run every unfinished trial, `parallel` at a time; print progress and a final
-    table; 1 if any trial failed (0 otherwise, 128+signal when stopped by one)."""
+    table; 1 if any trial failed (0 otherwise, 128+signal when stopped by one). The
+    caller holds the sweep workdir's lock."""
+    from flaxformer_lite.cli import die_with_parent
+    from flaxformer_lite import lock as lock_lib
     todo = [t for t in sweep.trials if read_status(sweep, t).get('status') != 'done']
     total = len(sweep.trials)
     print(f'sweep {sweep.name}: {total} trials, {total - len(todo)} done, {len(todo)} to run, {parallel} at a time',
@@ -175,17 +199,38 @@ def run_local(sweep: Sweep, parallel: int) -> int:
         for proc, *_ in running.values():
             proc.send_signal(signal.SIGTERM)  # each trial saves a checkpoint and exits
 
+    def preexec(cores):
+        def run():
+            os.sched_setaffinity(0, cores)
+            die_with_parent(signal.SIGTERM)()  # a killed runner's trials save and stop
+        return run
+
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    waiting: set[int] = set()
     try:
         queue = list(todo)
         while queue or running:
             while queue and free and stop['signal'] is None:
-                trial, slot = queue.pop(0), free.pop(0)
+                # A trial another live process holds (a trial of a killed runner still
+                # saving, a --trial task) waits; the others go first.
+                trial = next((t for t in queue if lock_lib.holder(sweep.trial_workdir(t)) is None), None)
+                if trial is None:
+                    for t in queue:
+                        holder = lock_lib.holder(sweep.trial_workdir(t))
+                        if holder is not None and t.index not in waiting:
+                            waiting.add(t.index)
+                            print(f'trial {t.index} ({t.name}) is in use by {lock_lib.describe(holder)}; waiting for '
+                                  f'it', file=sys.stderr, flush=True)
+                    break
+                queue.remove(trial)
+                if read_status(sweep, trial).get('status') == 'done':  # finished by that other process
+                    finished += 1
+                    continue
+                slot = free.pop(0)
                 os.makedirs(os.path.join(sweep.workdir, LOG_DIR), exist_ok=True)
                 log = open(log_path(sweep, trial), 'a')
-                cores = groups[slot]
                 proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT,
-                                        env=child_env(), preexec_fn=lambda c=cores: os.sched_setaffinity(0, c))
+                                        env=child_env(), preexec_fn=preexec(groups[slot]))
                 running[slot] = (proc, trial, time.time(), log)
             time.sleep(0.2)
             for slot, (proc, trial, start, log) in list(running.items()):
@@ -195,6 +240,9 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                 log.close()
                 del running[slot]
                 free.append(slot)
+                if code != 0 and lock_lib.holder(sweep.trial_workdir(trial)) is not None:
+                    queue.append(trial)  # refused: another process took the trial first; wait for it
+                    continue
                 record = read_status(sweep, trial)
                 if code != 0 and record.get('status') not in ('failed', 'interrupted'):
                     write_status(sweep, trial, status='failed', exit_code=code, error=_last_line(log_path(sweep, trial)),

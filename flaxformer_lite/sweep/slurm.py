@@ -32,19 +32,25 @@ def array_spec(indices: list[int]) -> str:
     return ','.join(out)
 
 
+def sbatch_options(slurm_args: str) -> list[str]:
+    """`--slurm_args` split into sbatch options (UserError for anything else)."""
+    try:
+        extra = shlex.split(slurm_args or '')
+    except ValueError as e:
+        raise UserError(f'--slurm_args={slurm_args!r}: {e}; quote it as one shell word') from None
+    for arg in extra:
+        if not arg.startswith('-'):
+            raise UserError(f"--slurm_args: '{arg}' is not an sbatch option; write them as --name=value")
+    return extra
+
+
 def write_script(sweep: Sweep, slurm_args: str = '') -> tuple[str, list[int]]:
     """(path of sweep.sbatch, the trial indices it runs). `slurm_args` are sbatch options
     ("--partition=gpu --gres=gpu:1 --time=2:00:00"), one #SBATCH line each."""
     todo = [t.index for t in sweep.trials if read_status(sweep, t).get('status') != 'done']
+    extra = sbatch_options(slurm_args)
     if not todo:
         return '', []
-    try:
-        extra = shlex.split(slurm_args or '')
-    except ValueError as e:
-        raise UserError(f'--slurm_args={slurm_args!r}: {e}') from None
-    for arg in extra:
-        if not arg.startswith('-'):
-            raise UserError(f"--slurm_args: '{arg}' is not an sbatch option; write them as --name=value")
     logs = os.path.abspath(os.path.join(sweep.workdir, LOG_DIR))
     command = ' '.join('--trial="$SLURM_ARRAY_TASK_ID"' if a == '--trial=TASK' else shlex.quote(a)
                        for a in trial_command(sweep, 'TASK'))

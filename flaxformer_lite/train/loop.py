@@ -1,12 +1,22 @@
 """The one training loop: every model family and task runs through `train_and_evaluate`.
 
 Order of work: check the workdir and build everything that can fail (mesh, shardings,
-data) before writing a byte; initialise shape-first (`eval_shape` -> logical specs ->
-mesh shardings -> `jit(init, out_shardings)`), or restore the latest checkpoint; then
-loop without waiting for the device except at logging, evaluation and saving steps; at
-the end evaluate the test split once and write `results.json`. Whatever ends the loop
-(the last step, a signal, an exception), pending checkpoints are finished and the event
-file is closed.
+data) before writing a byte; take the workdir's lock (flaxformer_lite/lock.py);
+initialise shape-first (`eval_shape` -> logical specs -> mesh shardings -> `jit(init,
+out_shardings)`), or restore the latest good checkpoint (a damaged newest one is
+reported and skipped); then loop without waiting for the device except at logging,
+evaluation and saving steps; at the end evaluate the test split once and write
+`results.json`. Whatever ends the loop (the last step, a signal, an exception), pending
+checkpoints are finished, the event file is closed and the lock released.
+
+Killed at any moment (kill -9 included), the same command resumes from the last complete
+checkpoint and ends bit-identical to an uninterrupted run: every checkpoint holds the
+data iterator and the metadata results.json sums; events are flushed before each
+checkpoint, and each start writes a TensorBoard SessionLog START at the step it takes
+over from, so the event history shows each step once. A NaN/Inf loss or gradient stops
+the run (NonFiniteError, exit status 3) before any bad state is saved, or is skipped
+with `train.skip_nonfinite` (counted in `train/skipped_updates`); a full or read-only
+disk ends it with StorageError (exit status 4), the checkpoints before it intact.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -23,6 +34,8 @@ import numpy as np
 
 from flaxformer_lite import accounting, data, parallel, tracking
 from flaxformer_lite import config as config_lib
+from flaxformer_lite import lock as lock_lib
+from flaxformer_lite.errors import UserError
 from flaxformer_lite.experiment import Experiment
 from flaxformer_lite.train import checkpoint, evaluate, results as results_lib, step as step_lib
 from flaxformer_lite.train.evaluate import Evaluator
@@ -37,6 +50,7 @@ class _StopFlag:
 
     def __init__(self):
         self.signal = None
+        self._at = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -49,9 +63,12 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         del frame
-        if self.signal is not None:  # a second signal: stop now
+        # A second signal stops now; the same one again within a second is one request
+        # delivered twice (a scheduler signals every process of a job, a supervisor too).
+        if self.signal is not None and not (signum == self.signal and time.time() - self._at < 1.0):
             raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is None:
+            self.signal, self._at = signum, time.time()
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -144,10 +161,13 @@ class _Run:
         self.first_step_s: float | None = None  # start-up + compilation: what the compilation cache saves
         self.timer = StepTimer()
         self.last_eval: dict[str, float] = {}
+        self.skipped = int(meta.get('skipped_updates', 0))  # non-finite updates skipped so far
+        self.train_logged: dict | None = meta.get('train_logged')  # the last train/* summary and its step
 
     def meta(self) -> dict[str, Any]:
         return {'best': self.best, 'wall_s': self.wall_before + time.time() - self.session_start,
-                'train_s': self.train_before + self.timer.seconds, 'timed_steps': self.timed_before + self.timer.steps}
+                'train_s': self.train_before + self.timer.seconds, 'timed_steps': self.timed_before + self.timer.steps,
+                'skipped_updates': self.skipped, 'train_logged': self.train_logged}
 
     def evaluate(self, step: int, params: Any, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scalars, curves = self.evaluator(params, split)
@@ -173,11 +193,60 @@ class _Run:
         meta = self.meta()
         record = results_lib.build(self.exp, name=self.info.name, workdir=self.workdir, step=step,
                                    metrics={**self.last_eval, **test}, best=self.best, curves=curves,
-                                   wall_s=meta['wall_s'], train_s=meta['train_s'], timed_steps=meta['timed_steps'])
+                                   wall_s=meta['wall_s'], train_s=meta['train_s'], timed_steps=meta['timed_steps'],
+                                   skipped_updates=self.skipped)
         record['first_step_s'] = self.first_step_s
         if jax.process_index() == 0:
-            results_lib.write(self.workdir, record)
+            path = results_lib.write(self.workdir, record)
+            self.progress.message(f'step {step}: wrote {path}')
         return record
+
+
+class NonFiniteError(Exception):
+    """A NaN or Inf loss or gradient (train.skip_nonfinite=False). Exit status 3; the last
+    checkpoint (written before the bad step) is intact: no bad state is ever saved."""
+    exit_status = 3
+
+
+class _NoLock:
+    """What processes other than 0 hold: process 0 holds the workdir's lock for all."""
+    lost = None
+
+    def release(self, *, undo: bool = False) -> None:
+        del undo
+
+
+def _take_lock(workdir: str):
+    """Process 0 takes the workdir's lock; every process learns whether it could."""
+    if jax.process_count() == 1:
+        return lock_lib.acquire(workdir)
+    from jax.experimental import multihost_utils
+    held, error = _NoLock(), None
+    if jax.process_index() == 0:
+        try:
+            held = lock_lib.acquire(workdir)
+        except UserError as e:
+            error = e
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+        raise error or UserError(f'--workdir={workdir} is in use by another run (process 0 could not take its '
+                                 f'lock; see its output); wait for it to finish or choose another --workdir')
+    return held
+
+
+def _already_done(workdir: str, cfg) -> dict[str, Any] | None:
+    """The results of a finished run whose last checkpoint is where results.json says
+    (nothing to do, nothing to write), or None."""
+    done = results_lib.read(workdir)
+    steps = checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+    if (done and done['status'] == 'done' and steps and done['step'] == steps[0]
+            and steps[0] >= cfg.train.steps):
+        return done
+    return None
+
+
+def _warn(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def default_info(workdir: str) -> RunInfo:
@@ -187,31 +256,89 @@ def default_info(workdir: str) -> RunInfo:
 def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
                        info: RunInfo | None = None) -> dict[str, Any]:
     """Train (or continue training) `exp` in `workdir`, then evaluate the test split and
-    write `results.json`. Returns the last metrics logged (and `status`)."""
+    write `results.json`. Returns the last metrics logged (and `status`).
+
+    Raises UserError before writing anything for what a user can fix (the workdir holds
+    another run, is in use by another process, has only damaged checkpoints, ...),
+    NonFiniteError when the loss or gradients go NaN/Inf, StorageError when the disk
+    refuses a write."""
     started = time.time()
     cfg = exp.config
     cfg_dict = cfg.to_dict()
     info = info or default_info(workdir)
-    chief = jax.process_index() == 0
+    if jax.process_count() == 1:
+        lock_lib.check_free(workdir)  # at once, before building anything
     resume = checkpoint.check_workdir(workdir, cfg_dict, exp.derived)  # reads only
+    done = _already_done(workdir, cfg) if resume else None
+    if done is not None:
+        if verbose and jax.process_index() == 0:
+            print(f'the run in {workdir} is done at step {done["step"]} >= train.steps={cfg.train.steps}; raise '
+                  f'--config.train.steps to continue it', file=sys.stderr, flush=True)
+        return {**done.get('metrics', {}), 'status': 'done', 'step': done['step']}
     setup = build(exp)
     evaluator = Evaluator(exp, setup)
     train_it = data.train_iterator(exp.task, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                    threads=cfg.data.threads, prefetch=cfg.data.prefetch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-    # Everything that can fail on a user's input has run: from here on files are written.
+    # Everything that can fail on a user's input has run. Take the workdir, look again
+    # (another process may have written it meanwhile), and from here on write files.
+    held = _take_lock(workdir)
+    try:
+        resume = checkpoint.check_workdir(workdir, cfg_dict, exp.derived)
+        restored = _restore(exp, setup, train_it, workdir) if resume else None
+    except BaseException:
+        held.release(undo=True)
+        raise
+    try:
+        return _train(exp, setup, evaluator, train_it, workdir, info, restored, held, verbose, started)
+    except Exception as e:
+        reason = checkpoint.storage_failure(e)
+        if reason is None:
+            raise
+        steps = checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+        kept = f'the checkpoints up to step {steps[0]} are intact' if steps else 'no checkpoint was written yet'
+        raise checkpoint.StorageError(
+            f'--workdir={workdir}: its disk refused a write ({reason}); {kept}: free space or make it writable, '
+            f'then run the same command again to resume') from None
+    finally:
+        held.release()
+
+
+def _restore(exp: Experiment, setup: Setup, train_it, workdir: str):
+    """(step, state, meta, damaged steps) of the newest good checkpoint, or None for a run
+    that never completed one; read-only, so a refusal here leaves the workdir as it was."""
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=exp.config.checkpoint.max_to_keep, async_save=False,
+                                   read_only=True)
+    try:
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            restored = ckpt.restore_latest(setup.abstract_state, train_it, warn=_warn)
+    finally:
+        ckpt.close()
+    if restored is None and results_lib.read(workdir) is not None:
+        raise UserError(f'--workdir={workdir} holds a finished run (results.json) but no checkpoint; restore '
+                        f'{checkpoint.CHECKPOINT_DIR}/ from a backup, or delete --workdir to start the run again')
+    return restored
+
+
+def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdir: str, info: RunInfo,
+           restored, held, verbose: bool, started: float) -> dict[str, Any]:
+    cfg = exp.config
+    cfg_dict = cfg.to_dict()
+    chief = jax.process_index() == 0
+    earlier_events = os.path.isdir(workdir) and any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
     if chief:
         checkpoint.write_config(workdir, cfg_dict)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=cfg.checkpoint.max_to_keep,
                                    async_save=cfg.checkpoint.async_save)
     progress = tracking.Progress(cfg.train.steps, 0, enabled=verbose and chief)
     writer = tracking.Writer(workdir) if chief else tracking.NullWriter()
+    failed = True
     try:
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-            start = ckpt.latest_step() if resume else None
-            meta = {}
-            if start is not None:
-                state, meta = ckpt.restore(start, setup.abstract_state, train_it)
+            meta: dict = {}
+            if restored is not None:
+                start, state, meta, damaged = restored
+                ckpt.set_aside(damaged)
                 progress.message(f'resumed from step {start} in {workdir}')
             else:
                 start = 0
@@ -221,49 +348,97 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
             for note in setup.notes:
                 progress.message('  ' + note)
             counts = accounting.summary(exp)
+            # TensorBoard: a SessionLog START at the step this start takes over from makes its
+            # reader drop what earlier starts wrote there and later (work this start redoes).
+            # The first START of a run only marks its beginning, so after earlier starts
+            # (possibly written before these markers existed) write it twice.
+            marker = 0 if start == 0 else start if start >= cfg.train.steps else start + 1
+            for _ in range(2 if earlier_events else 1):
+                writer.restart_at(marker)
             if start == 0:
                 writer.text(0, 'config', '```\n' + config_lib.to_json(cfg_dict) + '\n```')
-            else:
-                writer.restart_at(start + 1)
-            metrics = info.metrics if info.metrics is not None else evaluate.metric_names(exp)
-            hparams = {**info.extra, **config_lib.flatten(cfg_dict), **{f'accounting.{k}': v for k, v in counts.items()}}
-            writer.hparams(hparams, [*metrics, 'train/loss'], first=(*info.extra, *info.first),
-                           trial_id=info.trial_id or info.name)
+                metrics = info.metrics if info.metrics is not None else evaluate.metric_names(exp)
+                hparams = {**info.extra, **config_lib.flatten(cfg_dict),
+                           **{f'accounting.{k}': v for k, v in counts.items()}}
+                writer.hparams(hparams, [*metrics, 'train/loss'], first=(*info.extra, *info.first),
+                               trial_id=info.trial_id or info.name)
             run = _Run(exp, setup, evaluator, workdir, info, progress, writer, meta, started)
-            return _loop(run, state, start, train_it, ckpt, counts)
+            result = _loop(run, state, start, train_it, ckpt, counts, held)
+        failed = False
+        return result
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        progress.close()
+        for close in (ckpt.wait, ckpt.close, writer.close, progress.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 -- after a failure, cleanup must not hide it
+                if not failed:
+                    raise
+
+
+def _bad_value(values: list[float]) -> str:
+    bad = [v for v in values if not np.isfinite(v)]
+    return ('NaN' if np.isnan(bad[0]) else 'Inf' if bad[0] > 0 else '-Inf') if bad else 'not finite'
+
+
+def _check_health(run: '_Run', health: dict, ckpt: checkpoint.Checkpointer,
+                  pending: list[tuple[int, dict]] | None = None) -> None:
+    """Raise NonFiniteError if a step since the start went NaN/Inf (`health` fetched)."""
+    run.skipped = int(health['skipped'])
+    first = int(health['first_bad'])
+    if first < 0:
+        return
+    what = int(health['bad_what'])
+    values = {k: [float(m[k]) for s, m in (pending or []) if s == first] for k in ('objective', 'grad_norm')}
+    if what & step_lib.LOSS_BAD:
+        name = f"train/loss is {_bad_value(values['objective'])}"
+        if what & step_lib.GRADS_BAD:
+            name += ' (and so are the gradients)'
+    else:
+        name = f"the gradients are {_bad_value(values['grad_norm'])} (train/grad_norm)"
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f'the last checkpoint, step {last}, is intact' if last is not None else 'no checkpoint was written'
+    raise NonFiniteError(f'{name} at step {first}; the run stopped without saving a bad state ({kept}); lower '
+                         f'optim.learning_rate or raise optim.warmup_steps in a new --workdir, or run the same command '
+                         f'with --config.train.skip_nonfinite=True to skip such updates')
 
 
 def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.Checkpointer,
-          counts: dict[str, float]) -> dict[str, Any]:
+          counts: dict[str, float], held) -> dict[str, Any]:
     exp, setup, progress, writer, timer = run.exp, run.setup, run.progress, run.writer, run.timer
     cfg = exp.config
     steps = cfg.train.steps
     kind = exp.spec.kind
+    replicated = parallel.replicated(setup.mesh)
     train_step = jax.jit(
         step_lib.make_train_step(setup.model, setup.tx, setup.lr, kind, label_smoothing=cfg.train.label_smoothing,
-                                 seed=cfg.train.seed),
-        in_shardings=(setup.state_shardings, setup.batch_sharding),
-        out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)), donate_argnums=(0,))
+                                 seed=cfg.train.seed, skip_nonfinite=cfg.train.skip_nonfinite),
+        in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
+        out_shardings=(setup.state_shardings, replicated, replicated), donate_argnums=(0,))
+    health = jax.jit(lambda: step_lib.initial_health(run.skipped), out_shardings=replicated)()
     result: dict[str, Any] = {'step': start}
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []
     tokens_per_step = cfg.train.batch_size * exp.tokens_per_example()
     if start >= steps:
-        done = results_lib.read(run.workdir) if jax.process_index() == 0 else None
-        if done is None or done.get('status') != 'done' or done.get('step') != start:
-            # Stopped between the last checkpoint and results.json: evaluate and write them.
-            run.evaluate(start, state.params, 'eval')
-            done = run.finish(start, state.params)
+        # Stopped between the last checkpoint and results.json (or results.json deleted):
+        # what was logged at this step is logged again (the START marker at `start` dropped
+        # it), the test split evaluated, results.json written.
+        logged = run.train_logged
+        if logged and logged.get('step') == start:
+            writer.scalars(start, logged['scalars'])
+        run.evaluate(start, state.params, 'eval')
+        done = run.finish(start, state.params)
         progress.message(f'the run is already at step {start} >= train.steps={steps}; raise --config.train.steps '
                          f'to continue it')
         return {**done.get('metrics', {}), 'status': 'done', 'step': start}
 
     def save(step: int) -> None:
         timer.stop(state)
+        _check_health(run, jax.device_get(health), ckpt)  # a bad state never becomes a checkpoint
+        if held.lost is not None:
+            raise UserError(f'--workdir={run.workdir}: its lock was taken over by {lock_lib.describe(held.lost)} '
+                            f'(this process looked dead to it); stopping without saving so that two runs do not mix')
+        writer.flush()  # everything logged up to this checkpoint is on disk before it is
         ckpt.save(step, state, train_it, cfg.to_dict(), run.meta())
         timer.start()
 
@@ -271,8 +446,8 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
         for step in range(start + 1, steps + 1):
             batch = data.to_global(next(train_it), setup.batch_sharding)
             timer.count()
-            state, metrics = train_step(state, batch)
-            pending.append(metrics)
+            state, metrics, health = train_step(state, batch, health)
+            pending.append((step, metrics))
             if step == start + 1:  # compiled in this step: time from its end
                 jax.block_until_ready(metrics)
                 run.first_step_s = time.time() - run.session_start
@@ -281,7 +456,11 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
             is_last = step == steps
             if (step % cfg.train.log_every == 0 or is_last) and pending:
                 timer.stop(metrics)
-                scalars = _train_summary(pending, kind)
+                fetched, now = jax.device_get(([m for _, m in pending], health))
+                _check_health(run, now, ckpt, [(s, m) for (s, _), m in zip(pending, fetched)])
+                scalars = _train_summary(fetched, kind)
+                if cfg.train.skip_nonfinite:
+                    scalars['train/skipped_updates'] = float(run.skipped)
                 pending.clear()
                 rate = timer.window_rate()
                 if rate is not None:
@@ -291,6 +470,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
                     if utilisation is not None:
                         scalars['train/mfu'] = utilisation
                 writer.scalars(step, scalars)
+                run.train_logged = {'step': step, 'scalars': scalars}
                 progress.log(step, {k: v for k, v in scalars.items() if k in ('train/loss', 'train/accuracy')},
                              steps_per_s=rate)
                 result.update(scalars, step=step)

@@ -8,6 +8,7 @@ Written atomically (temporary file + rename) at the end of training and again by
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -18,9 +19,11 @@ import numpy as np
 
 from flaxformer_lite import accounting
 from flaxformer_lite import config as config_lib
+from flaxformer_lite.errors import UserError
 from flaxformer_lite.experiment import Experiment
 
 RESULTS_FILE = 'results.json'
+STATUSES = ('done', 'evaluated')
 
 
 @functools.cache
@@ -54,7 +57,7 @@ def _plain(value: Any) -> Any:
 
 def build(exp: Experiment, *, name: str, workdir: str, step: int, metrics: Mapping[str, float],
           best: Mapping[str, Mapping[str, float]], curves: Mapping[str, Any], wall_s: float, train_s: float,
-          timed_steps: int) -> dict[str, Any]:
+          timed_steps: int, skipped_updates: int = 0) -> dict[str, Any]:
     counts = accounting.summary(exp)
     examples = step * exp.config.train.batch_size
     return _plain({
@@ -70,6 +73,7 @@ def build(exp: Experiment, *, name: str, workdir: str, step: int, metrics: Mappi
         'chance': exp.task.chance(),
         'curves': {f'{prefix}/loss_by_position': list(curve) for prefix, curve in curves.items()},
         'step': step,
+        'skipped_updates': int(skipped_updates),  # non-finite updates skipped (train.skip_nonfinite)
         'steps_per_s': timed_steps / train_s if train_s > 0 else None,
         'wall_s': wall_s,
         'train_s': train_s,
@@ -81,11 +85,19 @@ def build(exp: Experiment, *, name: str, workdir: str, step: int, metrics: Mappi
     })
 
 
+def checksum(record: Mapping[str, Any]) -> str:
+    """sha256 of the record without its `checksum` field (canonical JSON): a hand edit shows."""
+    body = {k: v for k, v in record.items() if k != 'checksum'}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
 def write(workdir: str, results: Mapping[str, Any]) -> str:
     path = os.path.join(workdir, RESULTS_FILE)
     tmp = path + '.tmp'
+    record = {k: v for k, v in results.items() if k != 'checksum'}
+    record['checksum'] = checksum(record)
     with open(tmp, 'w') as f:
-        json.dump(results, f, indent=2, allow_nan=False)
+        json.dump(record, f, indent=2, allow_nan=False)
         f.write('\n')
         f.flush()
         os.fsync(f.fileno())
@@ -94,9 +106,29 @@ def write(workdir: str, results: Mapping[str, Any]) -> str:
 
 
 def read(workdir: str) -> dict[str, Any] | None:
-    """The run's results, or None if it has none (not finished)."""
+    """The run's results, or None if it has none (not finished). A file that is not
+    JSON, or lacks what this code reads (status, step, metrics), is a UserError: a run
+    never silently redoes or ignores a record that was damaged or edited by hand."""
     path = os.path.join(workdir, RESULTS_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    fix = 'restore it, or delete it to have the run evaluate its last checkpoint and write it again'
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'--workdir={workdir}: {RESULTS_FILE} is damaged ({e}); {fix}') from None
+    problem = None
+    if not isinstance(record, dict):
+        problem = 'it is not a JSON object'
+    elif record.get('status') not in STATUSES:
+        problem = f"status={record.get('status')!r} is not one of {', '.join(STATUSES)}"
+    elif not isinstance(record.get('step'), int) or isinstance(record.get('step'), bool) or record['step'] < 0:
+        problem = f"step={record.get('step')!r} is not a step number"
+    elif not isinstance(record.get('metrics'), dict):
+        problem = 'metrics is not a mapping'
+    elif 'checksum' in record and record['checksum'] != checksum(record):  # records written before it: none
+        problem = 'its contents do not match its checksum'
+    if problem:
+        raise UserError(f'--workdir={workdir}: {RESULTS_FILE} was edited by hand or is damaged ({problem}); {fix}')
+    return record

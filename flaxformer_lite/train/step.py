@@ -1,7 +1,9 @@
 """Pure step functions: `train_step(state, batch) -> (state, metrics)` and evaluation.
 
 They are jitted once by the loop with shardings and buffer donation; nothing here
-touches the host, so the loop never waits for the device between steps.
+touches the host, so the loop never waits for the device between steps. Numeric faults
+are found on device too: the step carries a small `health` record the loop reads only
+where it syncs anyway (log steps, before a checkpoint).
 """
 
 from __future__ import annotations
@@ -21,11 +23,34 @@ from flaxformer_lite.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 
 
+# The train step's health, carried on device from step to step (no host sync): the first
+# step whose loss or gradients were not finite (-1: none), what was bad there (a bit mask:
+# 1 the loss, 2 the gradients) and how many updates train.skip_nonfinite skipped.
+LOSS_BAD, GRADS_BAD = 1, 2
+
+
+def initial_health(skipped: int = 0) -> dict[str, jax.Array]:
+    return dict(first_bad=jnp.array(-1, jnp.int32), bad_what=jnp.array(0, jnp.int32),
+                skipped=jnp.array(skipped, jnp.int32))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule, kind: str,
-                    *, label_smoothing: float, seed: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    *, label_smoothing: float, seed: int, skip_nonfinite: bool = False
+                    ) -> Callable[..., tuple]:
+    """`train_step(state, batch, health) -> (state, metrics, health)`. A step whose loss or
+    gradients are NaN or Inf is recorded in `health`; with `skip_nonfinite` its update is
+    dropped instead (parameters and optimizer state stay as they were; the step counter,
+    and with it the data and the schedule, moves on) and counted in `health['skipped']`.
+    Without `health`, `train_step(state, batch) -> (state, metrics)`."""
     base_key = jax.random.key(seed)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, health: dict | None = None):
+        carry = health is not None
+        health = initial_health() if health is None else health
         # Dropout randomness is a function of (seed, step): a resumed run draws the same.
         rng = jax.random.fold_in(jax.random.fold_in(base_key, 1), state.step)
 
@@ -36,9 +61,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: opta
         (objective, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss_ok, grads_ok = jnp.isfinite(objective), _all_finite(grads)
+        ok = loss_ok & grads_ok
+        what = jnp.where(loss_ok, 0, LOSS_BAD) + jnp.where(grads_ok, 0, GRADS_BAD)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            health = dict(health, skipped=health['skipped'] + jnp.where(ok, 0, 1).astype(jnp.int32))
+        else:
+            first = (health['first_bad'] < 0) & ~ok
+            health = dict(health, first_bad=jnp.where(first, state.step + 1, health['first_bad']).astype(jnp.int32),
+                          bad_what=jnp.where(first, what, health['bad_what']).astype(jnp.int32))
         metrics = dict(objective=objective, grad_norm=optax.global_norm(grads), learning_rate=lr(state.step),
                        **{k: v for k, v in sums.items() if jnp.ndim(v) == 0})
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return (new_state, metrics, health) if carry else (new_state, metrics)
 
     return train_step
 
