@@ -129,5 +129,25 @@ def describe(exp: Experiment) -> str:
         lines.append(f'parameter matching: non-embedding {s["params_non_embedding"]:,} (this model, '
                      f'model.hidden={hidden}{note}) vs {matched:,} (the {exp.config.model.size} Transformer): '
                      f'{s["params_non_embedding"] / max(matched, 1):.3f}x')
+    state = state_line(exp)
+    if state:
+        lines.append(state)
     lines.append('chance: ' + ', '.join(f'{k} {v:.4g}' for k, v in exp.task.chance().items()))
     return '\n'.join(lines)
+
+
+def state_line(exp: Experiment) -> str | None:
+    """The state a sequence carries (`ModelFamily.state_size`), e.g. 'state: 12,288
+    floats per sequence (fixed)' or 'state: 512 floats per token (KV cache)': what
+    Zoology (Arora et al. 2023) relates to recall. None for a family that does not say."""
+    if exp.family.state_size is None:
+        return None
+    size = exp.family.state_size(exp.model_cfg, exp.spec)
+    parts = []
+    if size['fixed'] or not size['per_token']:
+        parts.append(f"{size['fixed']:,} floats per sequence (fixed)")
+    if size['per_token']:
+        parts.append(f"{size['per_token']:,} floats per token (KV cache)")
+    if size.get('per_source_token'):
+        parts.append(f"{size['per_source_token']:,} floats per source token (attention memory)")
+    return 'state: ' + ' + '.join(parts)

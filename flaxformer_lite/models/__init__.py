@@ -11,12 +11,16 @@ import difflib
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models.family import ModelFamily, StepFns
+from flaxformer_lite.models.linear_attention import LINEAR_ATTENTION
+from flaxformer_lite.models.mamba import MAMBA
+from flaxformer_lite.models.mingru import MINGRU
 from flaxformer_lite.models.recurrent_family import GRU, LSTM, RNN
 from flaxformer_lite.models.transformer_family import TRANSFORMER
 
 REGISTRY: dict[str, ModelFamily] = {
     family.name: family for family in (
         TRANSFORMER, RNN, LSTM, GRU,
+        LINEAR_ATTENTION, MAMBA, MINGRU,
     )
 }
 

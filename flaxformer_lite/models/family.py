@@ -76,3 +76,8 @@ class ModelFamily:
     flops_per_example: Callable[[ModelCfg, TaskSpec], float]
     # (resolved config, spec) -> StepFns, for generative shapes (lm, seq2seq)
     decoder: Callable[[ModelCfg, TaskSpec], StepFns] | None = None
+    # (resolved config, spec) -> floats of state a sequence carries: {'fixed': per sequence
+    # (recurrent carries, whatever the length), 'per_token': growing with every token (a
+    # KV cache)}, optionally 'per_source_token' (what a seq2seq decoder attends over).
+    # The quantity Zoology (Arora et al. 2023) relates to recall; `--describe` prints it.
+    state_size: Callable[[ModelCfg, TaskSpec], dict[str, int]] | None = None

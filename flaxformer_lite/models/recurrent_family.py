@@ -220,11 +220,26 @@ def decoder(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> StepFns:
     return StepFns(init=init, step=step)
 
 
+def state_size(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
+    """Floats a sequence keeps: the carries of every layer (h, and the LSTM's c; both
+    directions of a bidirectional encoder), fixed; a seq2seq decoder carries its own
+    layers' and, with attention, reads the encoder memory per source token (plus
+    Bahdanau's precomputed keys)."""
+    c = hparams(cell, m, spec)
+    carry = CARRY_SIZE[cell] * c.hidden
+    if m['arch'] != 'encoder_decoder':
+        return dict(fixed=c.directions * c.num_layers * carry, per_token=0)
+    out = dict(fixed=c.num_layers * carry, per_token=0)
+    if c.rnn_attention != 'none':
+        out['per_source_token'] = c.directions * c.hidden + (c.hidden if c.rnn_attention == 'bahdanau' else 0)
+    return out
+
+
 def _family(cell: str) -> ModelFamily:
     return ModelFamily(name=cell, resolve=functools.partial(resolve, cell), build=functools.partial(build, cell),
                        count_params=functools.partial(count_params, cell),
                        flops_per_example=functools.partial(flops_per_example, cell),
-                       decoder=functools.partial(decoder, cell))
+                       decoder=functools.partial(decoder, cell), state_size=functools.partial(state_size, cell))
 
 
 RNN, GRU, LSTM = (_family(cell) for cell in ('rnn', 'gru', 'lstm'))

@@ -181,5 +181,17 @@ def decoder(m: Mapping[str, Any], spec: TaskSpec) -> StepFns:
     return StepFns(init=init, step=step, batch_axis_of=batch_axis_of)
 
 
+def state_size(m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
+    """Floats a sequence keeps: the keys and values of every layer's self-attention, per
+    token (the KV cache; nothing is fixed); a seq2seq decoder's cross-attention reads the
+    keys and values of every source token as well (`per_source_token`)."""
+    c = hparams(m, spec)
+    kv = 2 * c.num_kv_heads * c.head_dim
+    out = dict(fixed=0, per_token=c.num_layers * kv)
+    if m['arch'] == 'encoder_decoder':
+        out['per_source_token'] = c.num_layers * kv
+    return out
+
+
 TRANSFORMER = ModelFamily(name='transformer', resolve=resolve, build=build, count_params=count_params,
-                          flops_per_example=flops_per_example, decoder=decoder)
+                          flops_per_example=flops_per_example, decoder=decoder, state_size=state_size)

@@ -38,10 +38,14 @@ def schedule(optim: Mapping[str, Any], train_steps: int) -> optax.Schedule:
 #   decayed:     weights that multiply activations or are looked up: Dense kernels, the
 #                recurrent input/recurrent kernels, attention projections (Bahdanau's v
 #                is the kernel of a projection to one score), embedding and position tables;
+#                Mamba's depthwise conv_kernel (a weight that multiplies activations, as
+#                a Dense kernel does);
 #   not decayed: additive biases (the LSTM forget-gate bias of 1 included, the GRU
-#                candidate's b_hn) and norm scales / offsets.
-DECAYED = frozenset({'kernel', 'embedding', 'pos_embedding', 'w_ih', 'w_hh', 'w_q', 'w_k', 'v'})
-NOT_DECAYED = frozenset({'bias', 'b_hn', 'scale'})
+#                candidate's b_hn, Mamba's conv_bias and dt_bias: Delta's range is set by
+#                its init), norm scales / offsets, and Mamba's A_log (the decay rates: decay
+#                would pull A towards -1 in every channel) and D (a skip gain).
+DECAYED = frozenset({'kernel', 'embedding', 'pos_embedding', 'w_ih', 'w_hh', 'w_q', 'w_k', 'v', 'conv_kernel'})
+NOT_DECAYED = frozenset({'bias', 'b_hn', 'scale', 'conv_bias', 'dt_bias', 'A_log', 'D'})
 
 
 def decay_mask(params: Any) -> Any:
