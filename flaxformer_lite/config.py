@@ -152,6 +152,26 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
     return c
 
 
+def experiment_options(arg: str | None, **options: tuple[Any, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """An experiment file's ARG: `quick` (default) or `full`, `tune`, and named options
+    (`name=(default, allowed values or None for any)`) -> (mode, tune, values). An unknown
+    option or a value not allowed raises ValueError naming it and the choices."""
+    args = parse_arg(arg)
+    mode = 'full' if args.pop('full', False) else 'quick'
+    args.pop('quick', None)
+    tune = bool(args.pop('tune', False))
+    values = {}
+    for name, (default, allowed) in options.items():
+        value = args.pop(name, default)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{name}={value}: choose one of {', '.join(map(str, allowed))}")
+        values[name] = value
+    if args:
+        known = ', '.join(['quick|full', 'tune', *(f'{n}=' for n in options)])
+        raise ValueError(f"unknown argument(s) {', '.join(args)}; use {known}")
+    return mode, tune, values
+
+
 def parse_arg(arg: str | None) -> dict[str, Any]:
     """'model=lstm,size=small,quick' -> {'model': 'lstm', 'size': 'small', 'quick': True}.
 

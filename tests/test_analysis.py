@@ -137,6 +137,25 @@ def test_seed_aggregation_by_hand():
     assert '| lstm | 3 | 0.7 ± 0.2 | 1.5 ± 0.71 (n=2) | 1k |' in md
 
 
+def _tuned(family, lr, seed, acc, loss):
+    run = _run(family, seed, **{'eval/accuracy': acc, 'eval/loss': loss})
+    run.config['optim.learning_rate'] = lr
+    return run
+
+
+def test_choose_takes_the_best_mean_then_the_tie_breaker():
+    from flaxformer_lite.analysis import report
+    runs = [_tuned('lstm', 1e-3, 0, 0.5, 1.0), _tuned('lstm', 1e-3, 1, 0.7, 1.0),  # mean 0.6
+            _tuned('lstm', 1e-2, 0, 0.9, 0.5), _tuned('lstm', 1e-2, 1, 0.1, 0.5),  # mean 0.5
+            _tuned('gru', 1e-3, 0, 1.0, 0.2), _tuned('gru', 1e-2, 0, 1.0, 0.1)]    # tie: lower loss wins
+    rows = {r['model.name']: r for r in report.choose(runs, 'optim.learning_rate', 'eval/accuracy', ['model.name'],
+                                                      tie='eval/loss')}
+    assert rows['lstm']['optim.learning_rate'] == 1e-3 and rows['lstm']['eval/accuracy'] == pytest.approx(0.6)
+    assert rows['gru']['optim.learning_rate'] == 1e-2 and rows['gru']['eval/loss'] == pytest.approx(0.1)
+    by_loss = report.choose(runs, 'optim.learning_rate', 'eval/loss', ['model.name'])
+    assert {r['model.name']: r['optim.learning_rate'] for r in by_loss} == {'lstm': 1e-2, 'gru': 1e-2}
+
+
 def test_number_formatting_is_short_and_stable():
     assert [tables.fmt(v, k) for v, k in [(812345, 'params_non_embedding'), (4.7e6, 'params_total'),
                                           (1.5e13, 'train_flops'), (0.123456, 'test/loss'), (64, 'x'),
@@ -360,3 +379,14 @@ def test_analysis_imports_no_jax_models_or_train(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert os.path.exists(tmp_path / 'report' / 'report.md')
+
+
+def test_table_metrics_choose_the_summary_columns(tmp_path):
+    sweep = str(tmp_path / 'sweep')
+    make_sweep(sweep, sizes=('tiny',), deps=(16,))
+    default = analysis.write_report([sweep], str(tmp_path / 'a'), {'plots': [], 'fits': False})
+    chosen = analysis.write_report([sweep], str(tmp_path / 'b'), {'plots': [], 'fits': False,
+                                                                 'table_metrics': ['test/loss']})
+    header = lambda out: next(line for line in open(out['paths']['report_md']) if line.startswith('| model.name'))
+    assert 'test/accuracy' in header(default) and 'test/loss' in header(default)
+    assert 'test/loss' in header(chosen) and 'test/accuracy' not in header(chosen)

@@ -78,6 +78,14 @@ def test_trial_names_are_readable_and_folders_safe():
     assert len(plan.trial_dir(1, 'x=' + 'y' * 500)) < 130
 
 
+def test_names_leave_out_fields_another_field_determines():
+    trials = sweep.product(sweep.zip({'model.name': ['transformer', 'lstm'], 'optim.learning_rate': [1e-3, 3e-3]}),
+                           sweep.zip({'task.dependency_length': [4, 16], 'task.seq_len': [13, 25]}), sweep.seeds(2))
+    fields = plan.swept(trials)
+    assert fields == ['model.name', 'optim.learning_rate', 'task.dependency_length', 'task.seq_len', 'train.seed']
+    assert plan.naming_fields(trials, fields) == ['model.name', 'task.dependency_length', 'train.seed']
+
+
 def test_changed_definition_is_refused_and_added_trials_extend(tmp_path):
     workdir = str(tmp_path / 'sweep')
     three = _file(tmp_path, "sweep.product({'train.seed': [0, 1, 2]})")

@@ -13,7 +13,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from flaxformer_lite.analysis import plots, plots_metrics, scaling, tables
-from flaxformer_lite.analysis.runs import Run, count_by_status, load_runs
+from flaxformer_lite.analysis.runs import Run, count_by_status, hashable, load_runs
 from flaxformer_lite.errors import UserError
 
 PLOT_TITLES = {
@@ -29,7 +29,7 @@ PLOT_ALIASES = {'scaling': tuple(plots.SCALING_PLOTS)}
 SPEC_DEFAULTS: dict[str, Any] = dict(
     title=None, metric=None, loss_metric=None, x='task.dependency_length', plots=None,
     group=('model.name', 'model.size'), table_group=None, tuned=None, error_bars='std',
-    bootstrap=200, seed=0, level=95.0, fits=True)
+    bootstrap=200, seed=0, level=95.0, fits=True, choose=None, table_metrics=None)
 METRIC_CHOICES = ('test/accuracy', 'eval/accuracy', 'test/exact_match', 'eval/exact_match', 'test/mse', 'eval/mse')
 
 
@@ -150,6 +150,47 @@ def _plots_section(written: Mapping[str, str], skipped: Mapping[str, str], spec:
     return lines
 
 
+def choose(runs: Sequence[Run], field: str, metric: str, group: Sequence[str], tie: str | None = None
+           ) -> list[dict[str, Any]]:
+    """For each group (e.g. family and size), the value of `field` (e.g. the learning
+    rate) whose finished runs have the best mean `metric` (ties: the best mean `tie`):
+    how an experiment file's tuned settings are chosen and reproduced."""
+    def sign(name: str) -> float:
+        return -1.0 if tables.lower_is_better(name) else 1.0
+
+    buckets: dict[tuple, dict[Any, list[Run]]] = {}
+    for run in runs:
+        if run.status == 'done' and run.number(metric) is not None:
+            key = tuple(hashable(run.value(g)) for g in group)
+            buckets.setdefault(key, {}).setdefault(hashable(run.value(field)), []).append(run)
+    rows = []
+    for key, options in buckets.items():
+        def score(value):
+            members = options[value]
+            mean = lambda m: sum(r.number(m) or 0.0 for r in members) / len(members)  # noqa: E731
+            return (sign(metric) * mean(metric), sign(tie) * mean(tie) if tie else 0.0)
+        best = max(options, key=score)
+        rows.append({**dict(zip(group, key)), field: best, metric: abs(score(best)[0]),
+                     **({tie: abs(score(best)[1])} if tie else {}), 'candidates': len(options)})
+    return rows
+
+
+def _choose_section(runs: Sequence[Run], spec: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    c = spec.get('choose')
+    if not c:
+        return [], []
+    group, metric, tie = list(c.get('group', spec['group'])), c.get('metric', spec['metric']), c.get('tie')
+    rows = choose(runs, c['field'], metric, group, tie)
+    rule = f"the best mean {metric}" + (f" (ties: the best {tie})" if tie else '')
+    md = [f"## Chosen {c['field']}", '', f'For each {", ".join(group)}: {rule}.', '',
+          '| ' + ' | '.join(group + [c['field'], metric] + ([tie] if tie else [])) + ' |',
+          '|' + '---|' * (len(group) + 2 + bool(tie))]
+    for row in rows:
+        md.append('| ' + ' | '.join(str(tables.fmt(row[k])) for k in group + [c['field'], metric] + ([tie] if tie
+                                                                                                else [])) + ' |')
+    return md + [''], rows
+
+
 def _problems_section(runs: Sequence[Run]) -> list[str]:
     bad = [r for r in runs if r.status != 'done']
     lines = ['## Failed and pending trials', '']
@@ -208,12 +249,16 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     chosen = [m for m in (spec['metric'], spec['loss_metric']) if m and m not in metrics
               and any(r.number(m) is not None for r in runs)]
     metrics = chosen + metrics  # the metrics the report is about (eval/* when tuning), then the test ones
+    if spec['table_metrics']:  # the spec names the summary table's columns (per-length ones, say)
+        metrics = list(spec['table_metrics'])
     md = [f'# {title}', ''] + _read_section(paths, runs, spec)
     md += ['## Results', '', f'Mean ± std over seeds; `runs` is the number of finished runs in each row. '
            f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '
            f'[aggregated.csv](aggregated.csv), [results.json](results.json).', '']
     md += [tables.groups_markdown(groups, by, metrics) if groups else 'No finished runs yet.\n']
-    md += _fits_section(fits, fits_skip, spec) + _plots_section(written, skipped, spec) + _problems_section(runs)
+    chosen_md, chosen = _choose_section(runs, spec)
+    md += chosen_md + _fits_section(fits, fits_skip, spec) + _plots_section(written, skipped, spec)
+    md += _problems_section(runs)
     markdown = '\n'.join(md).rstrip('\n') + '\n'
     with open(out['report.md'], 'w', encoding='utf-8') as f:
         f.write(markdown)
@@ -221,7 +266,7 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     summary = dict(
         runs=count_by_status(runs), loss_metric=spec['loss_metric'], metric=spec['metric'],
         fits=[s.to_dict() for s in fits or []], fits_skipped=fits_skip or None, plots=dict(written),
-        skipped=skipped, failed=[r.name for r in runs if r.status == 'failed'],
+        skipped=skipped, chosen=chosen or None, failed=[r.name for r in runs if r.status == 'failed'],
         pending=[r.name for r in runs if r.status in ('pending', 'running')])
     with open(out['results.json'], 'w', encoding='utf-8') as f:
         json.dump(_clean(dict(report='flaxformer_lite.analysis', spec=spec, trials=rows,

@@ -1,0 +1,44 @@
+"""The flagship experiment files: every form (quick, full, tune) defines a sweep whose
+every trial resolves to a runnable experiment, with a learning rate per family and a
+report spec, without training anything."""
+
+import glob
+import os
+
+import pytest
+
+from flaxformer_lite import experiment
+from flaxformer_lite.sweep import plan
+
+from conftest import ROOT
+
+FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'experiments', '*.py'))
+               if 'get_sweep' in open(p).read())
+FORMS = ['quick', 'full', 'quick,tune']
+
+
+def test_the_flagship_experiments_are_all_there():
+    names = {os.path.basename(f)[:-3] for f in FILES}
+    assert {'long_range', 'length_generalisation', 'scaling_lm', 'listops', 'translation'} <= names
+
+
+@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('path', FILES)
+def test_every_trial_of_every_form_resolves(path, form, tmp_path):
+    sweep = plan.load(f'{path}:{form}', {}, str(tmp_path / 'sweep'))
+    assert sweep.trials and not (tmp_path / 'sweep').exists()
+    families = set()
+    for trial in sweep.trials:
+        exp = experiment.resolve(sweep.trial_config(trial))
+        families.add(exp.family.name)
+        assert exp.config.train.steps >= 1
+    assert len(families) >= 2  # a comparison
+    module = plan.config_lib._module(path)  # noqa: SLF001
+    spec = module.get_report(form)
+    assert isinstance(spec, dict) and spec.get('title')
+    if 'tune' not in form:  # each family trains at its own tuned learning rate
+        rates = {}
+        for trial in sweep.trials:
+            cfg = sweep.trial_config(trial)
+            rates.setdefault((cfg.task.name, cfg.model.name), set()).add(cfg.optim.learning_rate)
+        assert all(len(r) == 1 for r in rates.values()), rates
