@@ -390,3 +390,16 @@ def test_table_metrics_choose_the_summary_columns(tmp_path):
     header = lambda out: next(line for line in open(out['paths']['report_md']) if line.startswith('| model.name'))
     assert 'test/accuracy' in header(default) and 'test/loss' in header(default)
     assert 'test/loss' in header(chosen) and 'test/accuracy' not in header(chosen)
+
+
+def test_a_field_set_by_the_x_axis_does_not_split_the_lines():
+    from flaxformer_lite.analysis.plots_metrics import _line_fields
+    from flaxformer_lite.analysis.runs import Run
+    swept = ('model.name', 'task.dependency_length', 'task.seq_len', 'task.num_pairs')
+    runs = [Run(name=f'{m}{d}{p}', status='done', workdir='.', sweep='s', sweep_dir='s', swept_fields=swept,
+                config={'model.name': m, 'task.dependency_length': d, 'task.seq_len': d + 16, 'task.num_pairs': p})
+            for m in ('transformer', 'lstm') for d in (16, 64) for p in (2, 4)]
+    # seq_len follows the dependency length (one line per family and num_pairs); num_pairs does not
+    assert _line_fields(runs, ['model.name'], ['task.dependency_length']) == ['model.name', 'task.num_pairs']
+    assert _line_fields(runs, ['model.name'], []) == ['model.name', 'task.dependency_length', 'task.seq_len',
+                                                     'task.num_pairs']

@@ -3,8 +3,8 @@ generalisation (accuracy at evaluated lengths of runs trained at one length), an
 against position in the context.
 
 Lines are one per `group` (default family and size) and per any other swept field that
-is not the x axis, a seed, or a tuned field (swept `optim.*`: each point keeps its best
-value); points are means over seeds with error bars (std, or min to max).
+is not the x axis (or set by it, like `task.seq_len` from the dependency length), a
+seed, or a tuned field (swept `optim.*`: each point keeps its best value); points are means over seeds with error bars (std, or min to max).
 """
 
 from __future__ import annotations
@@ -20,11 +20,20 @@ from flaxformer_lite.analysis.runs import SEED_FIELDS, Run, hashable, varying_fi
 from flaxformer_lite.analysis.tables import fmt, group_runs, keep_best_tuned, summarize
 
 
+def _follows(runs: Sequence[Run], field: str, axis: str) -> bool:
+    """Whether `field` is a function of `axis` in these runs (task.seq_len set from the
+    dependency length, say): it then moves along the line instead of splitting it."""
+    seen: dict[Any, Any] = {}
+    return all(seen.setdefault(hashable(r.value(axis)), hashable(r.value(field))) == hashable(r.value(field))
+               for r in runs)
+
+
 def _line_fields(runs: Sequence[Run], group: Sequence[str], exclude: Sequence[str]) -> list[str]:
     fields = list(group)
     for f in varying_fields(runs):
         if f not in fields and f not in exclude and f not in SEED_FIELDS and not f.startswith('optim.') \
-                and f != 'sweep' and len({hashable(r.value(f)) for r in runs}) > 1:
+                and f != 'sweep' and len({hashable(r.value(f)) for r in runs}) > 1 \
+                and not any(_follows(runs, f, axis) for axis in exclude):
             fields.append(f)
     return fields
 
