@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from flaxformer_lite.analysis.runs import Run
 from flaxformer_lite.analysis.scaling import Scaling, label
@@ -93,6 +93,12 @@ def panel_legends(fig: Figure, axes: Sequence) -> None:
                    bbox_to_anchor=(1.0, 0.93))
 
 
+def quiet_minor_x(ax) -> None:
+    """No labels on a log x axis's minor ticks: over one or two decades matplotlib labels
+    2x, 3x, ... 9x of each, and they run into one another."""
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def log_y(ax, values: Iterable[float]) -> None:
     """A log y axis; plain numbers on its ticks where the values span less than 20x
     (losses usually do, and '6x10^0' reads worse than '6')."""
@@ -162,6 +168,7 @@ def plot_loss_vs_params(scalings: Sequence[Scaling], colors: dict, runs: Sequenc
                 ax.plot([], [], color=color, marker='o', ls='', label=f'{s.family} (not fitted)')
         ax.set(xscale='log', xlabel='non-embedding parameters N',
                ylabel=members[0].loss_metric + loss_unit(runs), title=context or None)
+        quiet_minor_x(ax)
         log_y(ax, np.concatenate([s.loss for s in members]))
         ax.grid(alpha=0.3, which='both')
         legend(ax)
@@ -189,6 +196,7 @@ def plot_loss_vs_compute(scalings: Sequence[Scaling], colors: dict, runs: Sequen
                 ax.plot([], [], color=color, marker='o', ls='', label=f'{s.family} frontier (not fitted)')
         ax.set(xscale='log', xlabel='training compute C (FLOPs)',
                ylabel=members[0].loss_metric + loss_unit(runs), title=context or None)
+        quiet_minor_x(ax)
         log_y(ax, np.concatenate([s.compute_loss for s in members]))
         ax.grid(alpha=0.3, which='both')
         legend(ax)
@@ -216,6 +224,7 @@ def plot_isoflop(scalings: Sequence[Scaling], colors: dict, runs: Sequence[Run])
                            zorder=4)
         ax.set(xscale='log', xlabel='non-embedding parameters N', ylabel=s.loss_metric + loss_unit(runs),
                title=f'{s.label} (stars: minima N*)')
+        quiet_minor_x(ax)
         ax.grid(alpha=0.3, which='both')
         legend(ax, fontsize=7)
         for spine in ax.spines.values():
