@@ -3,7 +3,7 @@ baselines as the dependency reaches further back.
 
     python launch.py --config=experiments/long_range.py:quick --sweep --workdir=runs/long_range --parallel=2
     python launch.py --report --workdir=runs/long_range
-    python launch.py --config=experiments/long_range.py:quick,task=mqar --sweep --workdir=runs/lr_mqar --parallel=2
+    python launch.py --config=experiments/long_range.py:quick,task=mqar --sweep --workdir=runs/long_range_mqar --parallel=2
     python launch.py --config=experiments/long_range.py:full --sweep --workdir=runs/long_range_full --slurm
 
 Question: at equal non-embedding parameters, how does each family's accuracy fall as the
