@@ -19,16 +19,27 @@ from conftest import ROOT, read_scalars
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _scenarios(tmp_path, model):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, 'parallel_scenarios.py'), str(tmp_path), model],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+MODELS = ('transformer', 'lstm')
 
 
-@pytest.fixture(scope='module', params=['transformer', 'lstm'])
-def runs(request, tmp_path_factory):
-    return _scenarios(tmp_path_factory.mktemp(request.param), request.param)
+@pytest.fixture(scope='module')
+def scenario_processes(tmp_path_factory):
+    """Both models' scenario processes, started together: each compiles on one thread
+    most of the time, so on 2 cores the pair takes about the time of one."""
+    procs = {m: subprocess.Popen([sys.executable, os.path.join(HERE, 'parallel_scenarios.py'),
+                                  str(tmp_path_factory.mktemp(m)), m],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in MODELS}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope='module', params=MODELS)
+def runs(request, scenario_processes):
+    out, err = scenario_processes[request.param].communicate(timeout=900)
+    assert scenario_processes[request.param].returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize('preset', ['dp', 'fsdp', 'tp', 'fsdp_tp'])
