@@ -8,6 +8,7 @@
     python launch.py --report --workdir=runs/lr               # or --workdir=runs/a,runs/b
     python launch.py --eval_only --workdir=runs/l1 --config.eval.dependency_lengths=(16,32)
     python launch.py --config=configs/recall.py --describe
+    python launch.py --generate --workdir=runs/lm --prompt="def main(" --max_new_tokens=200 --temperature=0.8
     python launch.py --config=configs/recall.py --show_examples=3
 
 `--config=FILE.py[:ARG]` loads `get_config(ARG)` from FILE (and `get_sweep(ARG)` with
@@ -60,8 +61,19 @@ FLAGS_HELP = {
     'slurm_args': 'with --slurm: sbatch options for every array task, e.g. "--partition=gpu --gres=gpu:1"',
     'report': 'write tables, scaling fits and plots of the runs in --workdir (several: --workdir=A,B)',
     'report_dir': 'with --report: where to write it (default: WORKDIR/report)',
+    'generate': 'continue --prompt with the trained model of --workdir (language models), or decode it as the '
+                'input (sequence-to-sequence), and print the result',
+    'prompt': 'with --generate: the text to start from, in the task\'s notation (bytes for text_lm, token names '
+              'as --show_examples prints them otherwise)',
+    'prompt_file': 'with --generate: read the prompt from this file',
+    'max_new_tokens': 'with --generate: tokens to add to a language model\'s prompt (default 64)',
+    'temperature': 'with --generate: sampling temperature; 0 is greedy (default 1)',
+    'top_k': 'with --generate: sample among the k most likely tokens (default 0: all)',
+    'beam': 'with --generate: beam search of width N instead of sampling',
+    'seed': 'with --generate: the sampling seed (default 0)',
 }
-MODES = ('sweep', 'report', 'eval_only', 'describe', 'show_examples')
+MODES = ('sweep', 'report', 'eval_only', 'describe', 'show_examples', 'generate')
+GENERATE_FLAGS = ('prompt', 'prompt_file', 'max_new_tokens', 'temperature', 'top_k', 'beam', 'seed')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +102,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     flag('slurm_args', default='')
     flag('report', action='store_true')
     flag('report_dir')
+    flag('generate', action='store_true')
+    flag('prompt')
+    flag('prompt_file')
+    flag('max_new_tokens', type=int)
+    flag('temperature', type=float)
+    flag('top_k', type=int)
+    flag('beam', type=int, metavar='N')
+    flag('seed', type=int)
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, str] = {}
     for item in rest:
@@ -122,10 +142,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError('--trial=I runs one trial; leave out --slurm, --dry_run and --parallel')
     if args.report_dir and not args.report:
         raise UserError('--report_dir needs --report')
-    if (args.eval_only or args.report or args.sweep) and not args.workdir:
-        mode = next(m for m in ('eval_only', 'report', 'sweep') if getattr(args, m))
+    for name in GENERATE_FLAGS:
+        if getattr(args, name) is not None and not args.generate:
+            raise UserError(f'--{name} needs --generate (and --workdir of a trained run)')
+    if args.generate and (args.prompt is None) == (args.prompt_file is None):
+        raise UserError('--generate needs the text to start from: --prompt=TEXT or --prompt_file=FILE (one of them)')
+    if (args.eval_only or args.report or args.sweep or args.generate) and not args.workdir:
+        mode = next(m for m in ('eval_only', 'report', 'sweep', 'generate') if getattr(args, m))
         raise UserError(f'--{mode} needs --workdir=DIR')
-    if not args.config and not (args.eval_only or args.report):
+    if not args.config and not (args.eval_only or args.report or args.generate):
         raise UserError('--config=FILE.py[:ARG] is required, e.g. --config=configs/recall.py:quick')
     if args.show_examples < 0:
         raise UserError('--show_examples must be a positive number of examples')
@@ -152,6 +177,7 @@ def show_examples(exp, n: int) -> str:
 
 def describe(exp) -> str:
     from flaxformer_lite import accounting, config as config_lib
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -162,8 +188,35 @@ def describe(exp) -> str:
     counts = accounting.tree_counts(tree)
     analytic = exp.family.count_params(exp.model_cfg, exp.spec)
     check = 'equal to' if counts == analytic else f'MISMATCH with {counts}'
-    return '\n'.join([config_lib.to_json(exp.config.to_dict()), accounting.describe(exp),
-                      f'(analytic counts {check} the parameter tree)'])
+    lines = [config_lib.to_json(exp.config.to_dict()), accounting.describe(exp),
+             f'(analytic counts {check} the parameter tree)']
+    from flaxformer_lite.train import transfer
+    params = nn.unbox(tree)
+    init_plan = transfer.plan(exp.config, params, exp.model_cfg)
+    lines += init_plan.lines() if init_plan else []
+    if exp.config.train.freeze:
+        frozen = [p for p, f in transfer.flat_paths(transfer.frozen_mask(exp.config.train.freeze, params)).items() if f]
+        lines.append(f'train.freeze: {len(frozen)} parameter arrays fixed ({", ".join(frozen[:4])}'
+                     f'{", ..." if len(frozen) > 4 else ""})')
+    return '\n'.join(lines)
+
+
+def run_generate(args: argparse.Namespace, exp) -> int:
+    from flaxformer_lite.train import generate
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding='utf-8') as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f'--prompt_file={args.prompt_file} cannot be read ({e}); give a UTF-8 text file') from None
+    given = {k: getattr(args, k) for k in ('max_new_tokens', 'temperature', 'top_k', 'beam', 'seed')}
+    opts = generate.Options(**{k: v for k, v in given.items() if v is not None})
+    text, step = generate.generate(exp, args.workdir, prompt, opts)
+    if not args.quiet:
+        print(f'{args.workdir}, step {step}:', file=sys.stderr)
+    print(text)
+    return 0
 
 
 def _saved_config(workdir: str, overrides: dict[str, str]):
@@ -377,6 +430,8 @@ def main(argv: list[str]) -> int:
             from flaxformer_lite.train import eval_only
             eval_only.evaluate_run(exp, args.workdir, verbose=not args.quiet)
             return 0
+        if args.generate:
+            return run_generate(args, exp)
         from flaxformer_lite import train
         result = train.train_and_evaluate(exp, args.workdir, verbose=not args.quiet)
     except UserError as e:

@@ -112,6 +112,14 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         log_every=50,  # steps between train/* summaries and progress lines
         label_smoothing=0.0,
         skip_nonfinite=False,  # NaN/Inf loss or gradients: False stops the run (exit 3); True skips the update
+        # Start from another run's weights (train/transfer.py): parameters of the same path and shape
+        # load, the others (a new head, another vocabulary) start fresh; the optimizer starts fresh.
+        init_from=placeholder(str),  # the workdir of that run
+        init_step=placeholder(int),  # its checkpoint step (default: the latest good one)
+        init_exclude=(),  # path globs left fresh, e.g. ('head', 'embed')
+        init_require=(),  # path globs that must load (an error names any that cannot)
+        init_map=(),  # 'SOURCE_PREFIX:PREFIX_HERE' renames, e.g. ('decoder:encoder',) (a causal stack into an encoder)
+        freeze=(),  # path globs kept fixed during training (linear probes, partial fine-tuning)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-3,  # peak
@@ -437,11 +445,16 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 
 def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Fields (flattened) whose values differ between a saved run and this config,
-    other than the ones a continued run may change (RESUMABLE_FIELDS)."""
-    a, b = flatten(saved), flatten(json.loads(to_json(current)))
+    other than the ones a continued run may change (RESUMABLE_FIELDS) and fields the
+    saved config lacks that hold their default (added to the code since)."""
+    a, b = flatten(json.loads(to_json(saved))), flatten(json.loads(to_json(current)))
+    # A field added to the code after the run was saved is no conflict at its default.
+    defaults = flatten(json.loads(to_json(base_config(b.get('task.name') or a.get('task.name')))))
     out = []
     for name in sorted(set(a) | set(b)):
         if any(name == f or (f.endswith('.') and name.startswith(f)) for f in RESUMABLE_FIELDS):
+            continue
+        if name not in a and name in defaults and b.get(name) == defaults[name]:
             continue
         if a.get(name) != b.get(name):
             out.append(name)

@@ -146,10 +146,12 @@ def _paths_leaves(tree):
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,
                         mesh: jax.sharding.Mesh) -> Any:
-    """Optimizer moments shard like their parameters; counters are replicated."""
+    """Optimizer moments shard like their parameters; counters are replicated. Frozen
+    parameters (`train.freeze`) have no moments: optax's MaskedNode stays as it is."""
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

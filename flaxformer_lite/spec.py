@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-KINDS = ('lm', 'seq2seq', 'classify', 'regress')
+KINDS = ('lm', 'seq2seq', 'mlm', 'classify', 'regress')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,12 +16,13 @@ class TaskSpec:
     """What a model builder needs to know about a task's data.
 
     kind: 'lm' (per-position next-token targets on `inputs`), 'seq2seq' (`inputs` ->
-      `targets`, decoded autoregressively), 'classify' (one class per sequence) or
+      `targets`, decoded autoregressively), 'mlm' (per-position targets of the masked
+      positions of `inputs`, read in both directions), 'classify' (one class per sequence) or
       'regress' (one float per sequence).
     vocab_size: input token vocabulary, specials included.
     input_len: length of `inputs`.
-    target_len: length of `targets` for lm / seq2seq; 1 for classify / regress.
-    num_outputs: output vocabulary (lm, seq2seq), classes (classify) or 1 (regress).
+    target_len: length of `targets` for lm / seq2seq / mlm; 1 for classify / regress.
+    num_outputs: output vocabulary (lm, seq2seq, mlm), classes (classify) or 1 (regress).
     """
     kind: str
     vocab_size: int

@@ -122,7 +122,7 @@ def png(fig: Figure) -> tuple[bytes, int, int]:
 def loss_unit(runs: Sequence[Run]) -> str:
     """' (nats/token)' for language-model losses, ' (nats/example)' for classifiers."""
     kinds = {r.record.get('kind') for r in runs if r.record.get('kind')}
-    if kinds and kinds <= {'lm', 'seq2seq'}:
+    if kinds and kinds <= {'lm', 'seq2seq', 'mlm'}:
         return ' (nats/token)'
     if kinds == {'classify'}:
         return ' (nats/example)'

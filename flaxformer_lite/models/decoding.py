@@ -94,18 +94,22 @@ def default_batch_axis(path, leaf, n: int) -> int | None:
 
 def beam_search(step_fns: StepFns, params, batch: Mapping[str, jax.Array], *, length: int, bos_id: int,
                 beam_size: int = 4, alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0,
-                batch_axis_of=None) -> jax.Array:
+                batch_axis_of=None, prompt_BT: jax.Array | None = None) -> jax.Array:
     """Beam search with the GNMT length penalty ((5 + n) / 6) ** alpha over `length` steps.
 
     Each of the B * K hypotheses carries its own state; after every step the K best
     continuations of each sequence are kept and their states reordered. Returns the
-    best hypothesis [B, length]; beam_size=1 is greedy decoding.
+    best hypothesis [B, length]; beam_size=1 is greedy decoding. With `prompt_BT`
+    (language models) the beams continue the prompt; otherwise they start from `bos_id`.
     """
     b, k = batch['inputs'].shape[0], beam_size
     batch_axis_of = batch_axis_of or step_fns.batch_axis_of or default_batch_axis
     tiled = {key: jnp.repeat(v, k, axis=0) for key, v in batch.items()}
     state = step_fns.init(params, tiled)
-    logits, state = step_fns.step(params, state, jnp.full((b * k,), bos_id, jnp.int32))
+    if prompt_BT is not None:
+        state, logits = prefill(step_fns, params, state, jnp.repeat(prompt_BT, k, axis=0))
+    else:
+        logits, state = step_fns.step(params, state, jnp.full((b * k,), bos_id, jnp.int32))
     # Only the first beam is live at the start, so the K beams do not start as copies.
     score_BK = jnp.tile(jnp.array([0.0] + [_NEG] * (k - 1), jnp.float32), (b, 1))
     done_BK = jnp.zeros((b, k), bool)

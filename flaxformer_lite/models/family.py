@@ -18,9 +18,15 @@ from flaxformer_lite.spec import TaskSpec
 
 ModelCfg = Mapping[str, Any]
 
-# The model shape each kind of task needs; `model.arch=auto` picks it.
-ARCH_FOR_KIND = {'lm': 'decoder_only', 'seq2seq': 'encoder_decoder', 'classify': 'encoder_classifier',
-                 'regress': 'encoder_classifier'}
+# The model shapes each kind of task can run; `model.arch=auto` picks the first.
+# decoder_classifier is a causal stack + pooling + head: the shape a causal language
+# model (GPT-style pretraining) fine-tunes into, its stack's parameters where the LM's
+# are; encoder_mlm is a bidirectional encoder + vocabulary head for masked-language
+# modelling (BERT-style), whose encoder loads into encoder_classifier.
+ARCHS_FOR_KIND = {'lm': ('decoder_only',), 'seq2seq': ('encoder_decoder',), 'mlm': ('encoder_mlm',),
+                  'classify': ('encoder_classifier', 'decoder_classifier'),
+                  'regress': ('encoder_classifier', 'decoder_classifier')}
+ARCH_FOR_KIND = {kind: archs[0] for kind, archs in ARCHS_FOR_KIND.items()}
 
 
 def fail(field: str, message: str):
@@ -40,11 +46,12 @@ def fill(model: Mapping[str, Any], defaults: Mapping[str, Any], size: Mapping[st
     for key, allowed in choices.items():
         if m[key] not in allowed:
             fail(key, f"'{m[key]}' is not one of {', '.join(allowed)}")
-    needed = ARCH_FOR_KIND[spec.kind]
+    possible = ARCHS_FOR_KIND[spec.kind]
     if m['arch'] == 'auto':
-        m['arch'] = needed
-    elif m['arch'] != needed:
-        fail('arch', f"{m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto ({needed})")
+        m['arch'] = possible[0]
+    elif m['arch'] not in possible:
+        fail('arch', f"{m['arch']} cannot run a '{spec.kind}' task; use model.arch=auto ({possible[0]})"
+             + (f" or {' or '.join(possible[1:])}" if len(possible) > 1 else ''))
     return m
 
 
@@ -68,7 +75,7 @@ class ModelFamily:
     # ConfigError for configurations that cannot work.
     resolve: Callable[[dict[str, Any], Mapping[str, Any], TaskSpec], dict[str, Any]]
     # (resolved config, spec) -> module with __call__(batch, *, train) -> outputs:
-    # lm/seq2seq logits [B, T, V], classify logits [B, C], regress predictions [B].
+    # lm/seq2seq/mlm logits [B, T, V], classify logits [B, C], regress predictions [B].
     build: Callable[[ModelCfg, TaskSpec], nn.Module]
     # analytic parameter counts: {'total', 'embedding', 'non_embedding'}
     count_params: Callable[[ModelCfg, TaskSpec], dict[str, int]]

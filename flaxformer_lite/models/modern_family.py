@@ -25,7 +25,7 @@ COMMON_DEFAULTS = dict(dropout=0.0, pooling='mean', share_embeddings=True, scale
                        arch='auto', hidden=None, width_multiple=8, ffn='relu', norm='layernorm', mlp_expand=4)
 COMMON_CHOICES = dict(pooling=('mean', 'first', 'last'), dtype=('float32', 'bfloat16'), ffn=('relu', 'gelu', 'swiglu'),
                       norm=('layernorm', 'rmsnorm'),
-                      arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier'))
+                      arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,9 @@ def resolve(mixer: Mixer, model: dict[str, Any], size: Mapping[str, Any], spec: 
         family.fail('arch', f"model.name={mixer.name} has no encoder_decoder shape: a causal state-passing stack "
                     f"would carry the source through its padding into the target; for '{spec.kind}' tasks use "
                     f"model.name=transformer (or lstm, gru, rnn), or pose the task as a language model")
+    if m['arch'] == 'encoder_mlm':
+        family.fail('arch', f"masked-language modelling (task.objective=mlm) needs model.name=transformer (its "
+                            f"encoder_mlm shape); {mixer.name} pretrains as a language model (objective=lm)")
     if m['bidirectional']:
         family.fail('bidirectional', f'{mixer.name} reads left to right only; set it to false')
     if m['rnn_attention'] != 'none':

@@ -215,15 +215,33 @@ class RecurrentClassifier(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head = Dense(c.num_outputs, ('embed', None), dtype=jnp.float32)
 
+    def _stack(self) -> RecurrentStack:
+        return self.encoder
+
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
         c = self.cfg
         tokens_BT = batch['inputs']
         valid_BT = tokens_BT != c.pad_id
         inputs = embed_inputs(c, self.embed, self.drop, tokens_BT, not train)
-        y_TBH, _ = self.encoder(**inputs, mask_TB=valid_BT.T, deterministic=not train)
+        y_TBH, _ = self._stack()(**inputs, mask_TB=valid_BT.T, deterministic=not train)
         pooled = pool(y_TBH.transpose(1, 0, 2), valid_BT, c.pooling)
         out = self.head(pooled.astype(jnp.float32))
         return out[:, 0] if self.regression else out
+
+
+class RecurrentDecoderClassifier(RecurrentClassifier):
+    """The decoder_classifier shape: a one-directional stack under 'stack', where
+    RecurrentLM has it, so a pretrained language model's layers load into it as they are."""
+
+    def setup(self):
+        c = self.cfg
+        self.embed = _embed(c, c.vocab_size)
+        self.stack = RecurrentStack(c, c.num_layers, c.hidden)
+        self.drop = nn.Dropout(c.dropout)
+        self.head = Dense(c.num_outputs, ('embed', None), dtype=jnp.float32)
+
+    def _stack(self) -> RecurrentStack:
+        return self.stack
 
 
 class BahdanauLayer(nn.Module):

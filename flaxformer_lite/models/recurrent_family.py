@@ -9,9 +9,9 @@ from typing import Any, Callable, Mapping
 
 from flaxformer_lite.models import transformer_family
 from flaxformer_lite.models import family
-from flaxformer_lite.models.family import ARCH_FOR_KIND, ModelFamily, StepFns
-from flaxformer_lite.models.recurrent import (RecurrentClassifier, RecurrentConfig, RecurrentLM,
-                                              RecurrentSeq2Seq)
+from flaxformer_lite.models.family import ModelFamily, StepFns
+from flaxformer_lite.models.recurrent import (RecurrentClassifier, RecurrentConfig, RecurrentDecoderClassifier,
+                                              RecurrentLM, RecurrentSeq2Seq)
 from flaxformer_lite.models.recurrent_cells import CARRY_SIZE, NUM_GATES, cell_param_count
 from flaxformer_lite.spec import TaskSpec
 
@@ -19,7 +19,7 @@ DEFAULTS = dict(dropout=0.0, pooling='mean', bidirectional=False, residual=False
                 unroll=1, share_embeddings=True, scale_embeddings=True, dtype='float32', arch='auto',
                 encoder_layers=None, hidden=None, width_multiple=8)
 CHOICES = dict(pooling=('mean', 'first', 'last'), rnn_attention=('none', 'bahdanau', 'luong'),
-               dtype=('float32', 'bfloat16'), arch=('auto',) + tuple(sorted(set(ARCH_FOR_KIND.values()))))
+               dtype=('float32', 'bfloat16'), arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier'))
 # How far a matched width's non-embedding count may land from the Transformer's.
 MATCH_TOLERANCE = 0.05
 
@@ -64,6 +64,12 @@ def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: Tas
     m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
     if m['encoder_layers'] < 1:
         family.fail('encoder_layers', 'must be a positive integer (or unset: model.num_layers)')
+    if m['arch'] == 'encoder_mlm':
+        family.fail('arch', "masked-language modelling (task.objective=mlm) needs model.name=transformer (its "
+                            "encoder_mlm shape); recurrent models pretrain as language models (objective=lm)")
+    if m['bidirectional'] and m['arch'] == 'decoder_classifier':
+        family.fail('bidirectional', 'decoder_classifier reads in one direction (the language model shape); set it '
+                                     'to false, or use model.arch=encoder_classifier')
     if m['bidirectional'] and spec.kind == 'lm':
         family.fail('bidirectional', "a language model must not read the future; set it to false "
                                "(bidirectional is for classifier and seq2seq encoders)")
@@ -115,6 +121,8 @@ def build(cell: str, m: Mapping[str, Any], spec: TaskSpec, **changes):
         return RecurrentLM(cfg)
     if m['arch'] == 'encoder_decoder':
         return RecurrentSeq2Seq(cfg)
+    if m['arch'] == 'decoder_classifier':
+        return RecurrentDecoderClassifier(cfg, regression=spec.kind == 'regress')
     return RecurrentClassifier(cfg, regression=spec.kind == 'regress')
 
 
@@ -141,7 +149,7 @@ def count_params(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, i
     head = 0 if c.share_embeddings else h * o + o
     if m['arch'] == 'decoder_only':
         body = _stack(c, c.num_layers, h, 1, cell_param_count) + head
-    elif m['arch'] == 'encoder_classifier':
+    elif m['arch'] in ('encoder_classifier', 'decoder_classifier'):
         body = _stack(c, c.num_layers, h, c.directions, cell_param_count) + width * o + o
     else:
         embedding += 0 if c.share_embeddings else o * h
@@ -169,7 +177,7 @@ def forward_macs(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, i
     out = dict(per_source=0, per_target=0, per_pair=0, per_example=0)
     if m['arch'] == 'decoder_only':
         out['per_source'] = _stack(c, c.num_layers, h, 1, _cell_kernels) + h * o
-    elif m['arch'] == 'encoder_classifier':
+    elif m['arch'] in ('encoder_classifier', 'decoder_classifier'):
         out['per_source'] = _stack(c, c.num_layers, h, c.directions, _cell_kernels)
         out['per_example'] = width * o
     else:

@@ -2,7 +2,11 @@
 
   EncoderDecoder     the paper's model, for sequence-to-sequence tasks
   DecoderOnly        causal language model (generative tasks, language modelling)
-  EncoderClassifier  encoder + pooling + classifier (or regression) head
+  EncoderClassifier  encoder + pooling + classifier (or regression) head; with
+                     causal=True the decoder_classifier (a causal stack where
+                     DecoderOnly has it: GPT-style fine-tuning of a language model)
+  EncoderMLM         bidirectional encoder + vocabulary head: masked-language modelling
+                     (BERT-style pretraining), its encoder where EncoderClassifier has it
 
 All three share `Block` (self-attention, optional cross-attention, feed-forward, each
 wrapped in residual + norm, post-norm as in the paper or pre-norm) and `Stack` (the
@@ -234,10 +238,29 @@ class EncoderDecoder(nn.Module):
         return _logits(cfg, x, tgt_embed if cfg.share_embeddings else None)
 
 
+class EncoderMLM(nn.Module):
+    """Bidirectional encoder + vocabulary projection: logits [B, T, V] at every position
+    (the loss counts the masked ones). Parameters as in EncoderClassifier up to the head."""
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        tokens_BT = batch['inputs']
+        embed = _embed(cfg, cfg.vocab_size, 'embed')
+        x = _Embedder(cfg, embed, not train, name='embedder')(tokens_BT)
+        x = Stack(cfg, cfg.num_layers, causal=False, cross=False, deterministic=not train, name='encoder')(
+            x, None, tokens_BT != cfg.pad_id)
+        return _logits(cfg, x, embed if cfg.share_embeddings else None)
+
+
 class EncoderClassifier(nn.Module):
-    """Encoder + pooling + head: logits [B, C] (classify) or predictions [B] (regress)."""
+    """Encoder + pooling + head: logits [B, C] (classify) or predictions [B] (regress).
+    causal=True: a causal stack named 'decoder', as in DecoderOnly (decoder_classifier);
+    pool it with model.pooling=last (the one position that has read every token)."""
     cfg: TransformerConfig
     regression: bool = False
+    causal: bool = False
 
     @nn.compact
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
@@ -245,8 +268,8 @@ class EncoderClassifier(nn.Module):
         tokens = batch['inputs']
         valid = tokens != cfg.pad_id
         x = _Embedder(cfg, _embed(cfg, cfg.vocab_size, 'embed'), not train, name='embedder')(tokens)
-        x = Stack(cfg, cfg.num_layers, causal=False, cross=False, deterministic=not train, name='encoder')(
-            x, None, valid)
+        x = Stack(cfg, cfg.num_layers, causal=self.causal, cross=False, deterministic=not train,
+                  name='decoder' if self.causal else 'encoder')(x, None, valid)
         pooled = pool(x, valid, cfg.pooling)
         out = Dense(cfg.num_outputs, ('embed', None), dtype=jnp.float32, name='head')(pooled.astype(jnp.float32))
         return out[:, 0] if self.regression else out

@@ -12,14 +12,15 @@ from flaxformer_lite.models.attention import IMPLEMENTATIONS
 from flaxformer_lite.models.embeddings import POSITION_KINDS
 from flaxformer_lite.models import family
 from flaxformer_lite.models.family import ModelFamily, StepFns
-from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder,
+from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMLM,
                                                  TransformerConfig)
 from flaxformer_lite.spec import TaskSpec
 
 DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
 CHOICES = dict(pos_encoding=POSITION_KINDS, attention_impl=IMPLEMENTATIONS, ffn=('relu', 'gelu', 'swiglu'),
                norm=('layernorm', 'rmsnorm'), norm_position=('pre', 'post'), pooling=('mean', 'first', 'last'),
-               arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier'))
+               arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier',
+                     'encoder_mlm'))
 
 
 def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> d
                                    f"use model.attention_impl=einsum or model.attention_dropout=0")
     if m['attention_block_size'] < 1:
         family.fail('attention_block_size', 'must be a positive integer')
-    if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq') and spec.vocab_size != spec.num_outputs:
+    if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq', 'mlm') and spec.vocab_size != spec.num_outputs:
         family.fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
                                   f'tokens; one shared table needs one vocabulary (set it to false)')
     return m
@@ -67,7 +68,9 @@ def build(m: Mapping[str, Any], spec: TaskSpec, **changes):
         return DecoderOnly(cfg)
     if m['arch'] == 'encoder_decoder':
         return EncoderDecoder(cfg)
-    return EncoderClassifier(cfg, regression=spec.kind == 'regress')
+    if m['arch'] == 'encoder_mlm':
+        return EncoderMLM(cfg)
+    return EncoderClassifier(cfg, regression=spec.kind == 'regress', causal=m['arch'] == 'decoder_classifier')
 
 
 def _layer_params(c: TransformerConfig, cross: bool) -> int:
@@ -88,7 +91,7 @@ def count_params(m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
     norm = (2 * d if c.norm == 'layernorm' else d) if c.norm_position == 'pre' else 0
     embedding = c.vocab_size * d + (c.max_len * d if c.pos_encoding == 'learned' else 0)
     head = 0
-    if m['arch'] == 'decoder_only':
+    if m['arch'] in ('decoder_only', 'encoder_mlm'):
         body = c.num_layers * _layer_params(c, cross=False) + norm
         head = 0 if c.share_embeddings else d * c.num_outputs + c.num_outputs
     elif m['arch'] == 'encoder_decoder':
@@ -129,9 +132,9 @@ def flops_per_example(m: Mapping[str, Any], spec: TaskSpec) -> float:
     def pairs(queries: int, keys: int, causal: bool) -> float:  # causal: self-attention, keys = queries
         return queries * (queries + 1) / 2 if causal else queries * keys
 
-    if m['arch'] == 'decoder_only':
+    if m['arch'] in ('decoder_only', 'encoder_mlm'):
         macs = s * (c.num_layers * k['self'] + d * c.num_outputs)
-        macs += c.num_layers * 2 * d_attn * pairs(s, s, True)
+        macs += c.num_layers * 2 * d_attn * pairs(s, s, m['arch'] == 'decoder_only')
     elif m['arch'] == 'encoder_decoder':
         macs = s * c.encoder_layers * k['self'] + s * c.num_layers * k['cross_k_v']
         macs += t * (c.num_layers * (k['self'] + k['cross_q_o']) + d * c.num_outputs)
@@ -139,7 +142,7 @@ def flops_per_example(m: Mapping[str, Any], spec: TaskSpec) -> float:
                               + c.num_layers * (pairs(t, t, True) + pairs(t, s, False)))
     else:
         macs = s * c.num_layers * k['self'] + d * c.num_outputs
-        macs += c.num_layers * 2 * d_attn * pairs(s, s, False)
+        macs += c.num_layers * 2 * d_attn * pairs(s, s, m['arch'] == 'decoder_classifier')
     return 3.0 * 2.0 * macs  # 2 FLOPs per multiply-accumulate; backward = 2x forward
 
 

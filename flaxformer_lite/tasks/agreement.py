@@ -131,6 +131,9 @@ class Agreement(Task):
         tokens[:len(words)] = words
         return lm_example(tokens, [verb_at])
 
+    def _name(self, token: int) -> str:
+        return WORDS[token]
+
     def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
         text = ' '.join(WORDS[t] for t in example['inputs'] if t not in (PAD, BOS))
         if self.cfg['mode'] == 'classify':

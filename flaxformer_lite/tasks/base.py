@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from flaxformer_lite.errors import ConfigError
+from flaxformer_lite.errors import ConfigError, UserError
 from flaxformer_lite.spec import TaskSpec
 
 SPLITS = ('train', 'eval', 'test')
@@ -85,6 +85,32 @@ class Task:
             f"task {self.name}: could not draw an example of split '{split}' in "
             f"{self.MAX_ATTEMPTS} tries; the example space is too small, raise task.seq_len "
             f"or the vocabulary")
+
+    # --- prompts and generated text (`launch.py --generate`) --------------------
+    def prompt_tokens(self, text: str) -> np.ndarray:
+        """A prompt written as `decode` prints examples (token names separated by spaces)
+        -> token ids; a word that names no token is a UserError listing the tokens."""
+        names: dict[str, int] = {}
+        for token in range(self.spec.vocab_size):
+            names.setdefault(self.token_name(token), token)
+        words = text.split()
+        unknown = [w for w in words if w not in names]
+        if unknown:
+            shown = ' '.join(list(names)[:40]) + (' ...' if len(names) > 40 else '')
+            raise UserError(f"--prompt: {unknown[0]!r} is not a token of task {self.name}; write tokens as "
+                            f"--show_examples prints them, separated by spaces: {shown}")
+        return np.array([names[w] for w in words], np.int32)
+
+    def token_name(self, token: int) -> str:
+        name = getattr(self, '_name', None)
+        if name is None:
+            raise UserError(f'task {self.name} has no token names to read a prompt in; --generate needs a language-'
+                            f'model or sequence-to-sequence task')
+        return name(int(token))
+
+    def tokens_text(self, tokens: np.ndarray) -> str:
+        """Generated tokens as text (the notation of `decode`)."""
+        return ' '.join(self.token_name(t) for t in tokens)
 
     def with_dependency_length(self, length: int) -> 'Task':
         """The same task evaluated at another dependency length (length generalisation)."""

@@ -90,6 +90,11 @@ class Seq2Seq(Task):
         target = ' '.join(self._name(t) for t in example['targets'][example['weights'] > 0])
         return source, target
 
+    def tokens_text(self, tokens: np.ndarray) -> str:
+        """The decoded target up to and including its EOS."""
+        tokens = list(np.asarray(tokens))
+        return super().tokens_text(tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens)
+
     def chance(self) -> dict[str, float]:
         v, lengths = self.cfg['num_symbols'], self.lengths()
         if self.cfg['mode'] == 'sort':

@@ -14,6 +14,15 @@ themselves (vocabulary 256); text holds no NUL, so pad id 0 never collides.
 `report_loss_by_position` asks the trainer to log loss against context position:
 how much further context helps is the long-range question for real text.
 Chance: always predicting the most frequent byte of the training chunks.
+
+`objective=mlm` turns the same chunks (their first seq_len bytes, the same splits) into
+masked-language modelling (Devlin et al. 2019, BERT): `mask_rate` of the positions
+(rounded, at least one) are chosen, and of those 80% become the mask token (id 256, so
+the vocabulary is 257), 10% a random byte and 10% stay; the targets are the original
+bytes and only the chosen positions count (`weights`). The choice is a function of
+(task.seed, split, example index), and training indices run past the split's size,
+so each pass over the training chunks masks them anew (RoBERTa's dynamic masking) while
+the evaluation examples stay the same.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ from typing import Mapping
 
 import numpy as np
 
-from flaxformer_lite.errors import ConfigError
+from flaxformer_lite.errors import ConfigError, UserError
 from flaxformer_lite.spec import TaskSpec
 from flaxformer_lite.tasks.base import SPLITS, Task, require, split_of
-from flaxformer_lite.tasks.common import PAD, as_patterns, check_ints, read_text, resolve_files
+from flaxformer_lite.tasks.common import PAD, as_patterns, check_choice, check_ints, read_text, resolve_files
 
+MASK = 256  # objective=mlm: the mask token, one past the bytes
 _CACHE: dict[tuple, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
 _CACHE_SIZE = 4
 
@@ -44,13 +54,20 @@ class TextLM(Task):
     DEFAULTS = dict(
         seq_len=128,  # bytes of context per example
         files=None,  # glob or tuple of globs of text files; unset: the stdlib's .py sources
+        objective='lm',  # lm: next byte (decoder-only models) | mlm: masked bytes (encoder_mlm)
+        mask_rate=0.15,  # mlm: share of positions chosen for prediction
     )
 
     def __init__(self, cfg: Mapping):
         super().__init__(cfg)
         c = self.cfg
         c.setdefault('files', None)
+        c.setdefault('objective', 'lm')
+        c.setdefault('mask_rate', 0.15)
         check_ints(c, dict(seq_len=1))
+        check_choice(c, 'objective', ('lm', 'mlm'))
+        require(isinstance(c['mask_rate'], (int, float)) and 0.0 < c['mask_rate'] <= 1.0, 'mask_rate',
+                f"is {c['mask_rate']!r}; use a share of positions in (0, 1], e.g. 0.15")
         patterns = as_patterns(c['files'])
         paths = resolve_files(patterns) if patterns else default_files()
         self.paths = paths
@@ -64,6 +81,9 @@ class TextLM(Task):
     @property
     def spec(self) -> TaskSpec:
         n = self.cfg['seq_len']
+        if self.cfg['objective'] == 'mlm':
+            return TaskSpec(kind='mlm', vocab_size=MASK + 1, input_len=n, target_len=n, num_outputs=MASK + 1,
+                            pad_id=PAD)
         return TaskSpec(kind='lm', vocab_size=256, input_len=n, target_len=n, num_outputs=256,
                         pad_id=PAD)
 
@@ -74,16 +94,41 @@ class TextLM(Task):
         """Chunk `index` of the split (modulo its size)."""
         ids = self.index[split]
         chunk = self.chunks[ids[int(index) % len(ids)]].astype(np.int32)
+        if self.cfg['objective'] == 'mlm':
+            return self._masked(chunk[:-1], np.random.default_rng([self.seed, SPLITS.index(split), int(index)]))
         return dict(inputs=chunk[:-1], targets=chunk[1:],
                     weights=np.ones(self.cfg['seq_len'], np.float32))
+
+    def _masked(self, seq: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """BERT's corruption of one sequence: 80% mask token, 10% random byte, 10% kept."""
+        n = len(seq)
+        chosen = rng.choice(n, max(1, round(self.cfg['mask_rate'] * n)), replace=False)
+        inputs, draw = seq.copy(), rng.random(len(chosen))
+        inputs[chosen[draw < 0.8]] = MASK
+        swapped = chosen[(draw >= 0.8) & (draw < 0.9)]
+        inputs[swapped] = rng.integers(1, 256, len(swapped))  # 1..255: never the pad id
+        weights = np.zeros(n, np.float32)
+        weights[chosen] = 1.0
+        return dict(inputs=inputs, targets=seq.copy(), weights=weights)
 
     def _generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError('text_lm reads its examples from files')
 
     def decode(self, example: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        def text(tokens: np.ndarray) -> str:
-            return bytes(tokens.astype(np.uint8)).decode('utf-8', 'replace')
+        def text(tokens: np.ndarray) -> str:  # the mask token shows as U+2588 (a full block)
+            pieces = np.split(tokens, np.flatnonzero(tokens == MASK))
+            return '\u2588'.join(bytes(p[p != MASK].astype(np.uint8)).decode('utf-8', 'replace') for p in pieces)
         return text(example['inputs']), text(example['targets'])
+
+    def prompt_tokens(self, text: str) -> np.ndarray:
+        """The prompt's UTF-8 bytes (a NUL would be the pad token)."""
+        data = np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
+        if (data == PAD).any():
+            raise UserError('--prompt holds a NUL byte, which is the pad token of text_lm; remove it')
+        return data
+
+    def tokens_text(self, tokens: np.ndarray) -> str:
+        return bytes(np.asarray(tokens, np.uint8)).decode('utf-8', 'replace')
 
     def chance(self) -> dict[str, float]:
         counts = np.bincount(self.chunks[self.index['train'], 1:].ravel(), minlength=256)

@@ -22,7 +22,7 @@ from flaxformer_lite.train.losses import summarize
 
 # What `summarize` returns for each kind of task (exact_match only when decoding).
 METRICS_BY_KIND = {'lm': ('loss', 'accuracy', 'seq_accuracy'), 'seq2seq': ('loss', 'accuracy', 'seq_accuracy'),
-                   'classify': ('loss', 'accuracy'), 'regress': ('loss', 'mse')}
+                   'mlm': ('loss', 'accuracy', 'seq_accuracy'), 'classify': ('loss', 'accuracy'), 'regress': ('loss', 'mse')}
 # Metrics where lower is better (the rest: higher is better), for "best" values.
 LOWER_IS_BETTER = ('loss', 'mse')
 

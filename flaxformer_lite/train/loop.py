@@ -37,7 +37,7 @@ from flaxformer_lite import config as config_lib
 from flaxformer_lite import lock as lock_lib
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.experiment import Experiment
-from flaxformer_lite.train import checkpoint, evaluate, results as results_lib, step as step_lib
+from flaxformer_lite.train import checkpoint, evaluate, results as results_lib, step as step_lib, transfer
 from flaxformer_lite.train.evaluate import Evaluator
 from flaxformer_lite.train.setup import Setup, build  # noqa: F401  (build: also loop.build for callers)
 from flaxformer_lite.train.state import TrainState
@@ -163,11 +163,12 @@ class _Run:
         self.last_eval: dict[str, float] = {}
         self.skipped = int(meta.get('skipped_updates', 0))  # non-finite updates skipped so far
         self.train_logged: dict | None = meta.get('train_logged')  # the last train/* summary and its step
+        self.init_from: dict | None = meta.get('init_from')  # where the first weights came from (train.init_from)
 
     def meta(self) -> dict[str, Any]:
         return {'best': self.best, 'wall_s': self.wall_before + time.time() - self.session_start,
                 'train_s': self.train_before + self.timer.seconds, 'timed_steps': self.timed_before + self.timer.steps,
-                'skipped_updates': self.skipped, 'train_logged': self.train_logged}
+                'skipped_updates': self.skipped, 'train_logged': self.train_logged, 'init_from': self.init_from}
 
     def evaluate(self, step: int, params: Any, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scalars, curves = self.evaluator(params, split)
@@ -196,6 +197,7 @@ class _Run:
                                    wall_s=meta['wall_s'], train_s=meta['train_s'], timed_steps=meta['timed_steps'],
                                    skipped_updates=self.skipped)
         record['first_step_s'] = self.first_step_s
+        record['init_from'] = self.init_from
         if jax.process_index() == 0:
             path = results_lib.write(self.workdir, record)
             self.progress.message(f'step {step}: wrote {path}')
@@ -276,6 +278,9 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
                   f'--config.train.steps to continue it', file=sys.stderr, flush=True)
         return {**done.get('metrics', {}), 'status': 'done', 'step': done['step']}
     setup = build(exp)
+    # train.init_from matters only for a first start (a started run has its weights in its checkpoints).
+    started_before = resume and checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+    init_plan = None if started_before else transfer.plan(cfg, setup.abstract_state.params, exp.model_cfg)
     evaluator = Evaluator(exp, setup)
     train_it = data.train_iterator(exp.task, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                    threads=cfg.data.threads, prefetch=cfg.data.prefetch,
@@ -290,7 +295,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
         held.release(undo=True)
         raise
     try:
-        return _train(exp, setup, evaluator, train_it, workdir, info, restored, held, verbose, started)
+        return _train(exp, setup, evaluator, train_it, workdir, info, restored, held, verbose, started, init_plan)
     except Exception as e:
         reason = checkpoint.storage_failure(e)
         if reason is None:
@@ -321,7 +326,7 @@ def _restore(exp: Experiment, setup: Setup, train_it, workdir: str):
 
 
 def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdir: str, info: RunInfo,
-           restored, held, verbose: bool, started: float) -> dict[str, Any]:
+           restored, held, verbose: bool, started: float, init_plan: transfer.Plan | None) -> dict[str, Any]:
     cfg = exp.config
     cfg_dict = cfg.to_dict()
     chief = jax.process_index() == 0
@@ -343,6 +348,11 @@ def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdi
             else:
                 start = 0
                 state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+                if init_plan is not None:  # a resumed run has them in its checkpoint
+                    state = state.replace(params=transfer.load(init_plan, state.params))
+                    meta['init_from'] = init_plan.summary()
+                    for line in init_plan.lines():
+                        progress.message(line)
             progress.start = start
             progress.message(parallel.describe_layout(setup.mesh, setup.rules_name, state.params, state.opt_state))
             for note in setup.notes:

@@ -46,7 +46,7 @@ def metric_sums(outputs: jax.Array, batch: Mapping[str, jax.Array], kind: str,
     correct = (outputs.argmax(-1) == targets).astype(jnp.float32) * weights
     total = weights.sum()
     sums = dict(loss=(nll * weights).sum(), correct=correct.sum(), weight=total)
-    if kind in ('lm', 'seq2seq'):
+    if kind in ('lm', 'seq2seq', 'mlm'):
         has = weights.sum(-1) > 0
         all_right = ((correct == weights) | (weights == 0)).all(-1)
         sums.update(seq_correct=(all_right & has).sum().astype(jnp.float32), seq_count=has.sum().astype(jnp.float32),

@@ -63,11 +63,19 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(role, params)
 
 
-def make(optim: Mapping[str, Any], train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(optim: Mapping[str, Any], train_steps: int, frozen: Any | None = None
+         ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW as configured. `frozen`: a tree of bools like the parameters (`train.freeze`): those
+    parameters get zero updates (no decay either) and no optimizer moments, and the
+    clipping norm is that of the trained parameters' gradients alone."""
     lr = schedule(optim, train_steps)
     parts = []
     if optim['grad_clip'] > 0:
         parts.append(optax.clip_by_global_norm(optim['grad_clip']))
     parts.append(optax.adamw(lr, b1=optim['b1'], b2=optim['b2'], eps=optim['eps'],
                              weight_decay=optim['weight_decay'], mask=decay_mask))
-    return optax.chain(*parts), lr
+    tx = optax.chain(*parts)
+    if frozen is not None:
+        labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen)  # a tree, not a function of
+        tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)  # params: sharding needs it
+    return tx, lr

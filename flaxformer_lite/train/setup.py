@@ -17,7 +17,7 @@ import numpy as np
 from flaxformer_lite import config as config_lib
 from flaxformer_lite import parallel
 from flaxformer_lite.experiment import Experiment
-from flaxformer_lite.train import optimizer
+from flaxformer_lite.train import optimizer, transfer
 from flaxformer_lite.train.state import TrainState
 
 
@@ -50,7 +50,6 @@ def build(exp: Experiment) -> Setup:
             raise config_lib.ConfigError(f'{field}={value} is not divisible by mesh data*fsdp={batch_devices}; '
                                          f'use a multiple of {batch_devices}')
     model = exp.family.build(exp.model_cfg, exp.spec)
-    tx, lr = optimizer.make(cfg.optim, cfg.train.steps)
     example = exp.task.example('train', 0)
     dummy = {k: jnp.asarray(np.broadcast_to(v, (cfg.train.batch_size,) + v.shape)) for k, v in example.items()}
     rng = jax.random.key(cfg.train.seed)
@@ -58,12 +57,16 @@ def build(exp: Experiment) -> Setup:
     def init_params():
         return model.init({'params': rng}, dummy, train=False)['params']
 
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_params)
+    frozen = transfer.frozen_mask(cfg.train.freeze, nn.unbox(boxed)) if cfg.train.freeze else None
+    tx, lr = optimizer.make(cfg.optim, cfg.train.steps, frozen)
+
     def init_fn():
         params = nn.unbox(init_params())
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_params)
         param_sh, notes = parallel.param_shardings(boxed, mesh, rules)
         abstract = jax.eval_shape(init_fn)
     opt_sh = parallel.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
