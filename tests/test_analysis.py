@@ -182,6 +182,7 @@ def _results(family, size, dep, seed, rng):
     return {'status': 'done', 'family': family, 'task': 'mqar', 'kind': 'lm', 'config': config,
             'metrics': metrics, 'best': {'eval/accuracy': {'value': acc + 0.01, 'step': 50}},
             'chance': {'accuracy': 0.0625}, 'curves': {'test/loss_by_position': list(3.0 / np.arange(1, 33) ** 0.2)},
+            'history': {'eval/accuracy': [[50, acc / 2], [100, acc]], 'eval/loss': [[50, 2 * loss], [100, loss]]},
             'step': 100, 'wall_s': 10.0 + seed, 'params_total': n + 2048, 'params_non_embedding': n,
             'tokens': 64 * 3200, 'train_flops': 6 * n * 64 * 3200, 'code_version': 'abc1234'}
 
@@ -273,7 +274,7 @@ def test_write_report_on_a_fake_sweep(tmp_path):
     for key in ('report_md', 'results_csv', 'results_json', 'results_md', 'aggregated_csv'):
         assert os.path.getsize(paths[key]) > 0
     expected = {'loss_vs_params', 'loss_vs_compute', 'accuracy_vs_dependency_length', 'length_generalization',
-                'loss_by_position'}
+                'loss_by_position', 'learning_curves'}
     assert set(paths['plots']) == expected
     for png in paths['plots'].values():
         with open(png, 'rb') as f:

@@ -19,7 +19,7 @@ FORMS = ['quick', 'full', 'quick,tune']
 
 def test_the_flagship_experiments_are_all_there():
     names = {os.path.basename(f)[:-3] for f in FILES}
-    assert {'long_range', 'length_generalisation', 'scaling_lm', 'listops', 'translation'} <= names
+    assert {'long_range', 'length_generalisation', 'scaling_lm', 'listops', 'translation', 'transfer'} <= names
 
 
 @pytest.mark.parametrize('form', FORMS)

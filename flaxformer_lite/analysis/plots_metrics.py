@@ -1,6 +1,6 @@
 """Task plots: a metric against a swept field (accuracy against dependency length), length
-generalisation (accuracy at evaluated lengths of runs trained at one length), and loss
-against position in the context.
+generalisation (accuracy at evaluated lengths of runs trained at one length), loss
+against position in the context, and learning curves (an eval metric against the step).
 
 Lines are one per `group` (default family and size) and per any other swept field that
 is not the x axis (or set by it, like `task.seq_len` from the dependency length), a
@@ -232,5 +232,39 @@ def plot_loss_by_position(runs: Sequence[Run], colors: dict, *, curve: str = 'te
                ylabel=curve.replace('_by_position', '') + loss_unit(members), title=str(panel[0]) if panel else None)
         ax.grid(alpha=0.3, which='both')
     finish(fig, 'Loss by position in the context (largest model of each family)')
+    panel_legends(fig, axes)
+    return fig
+
+
+def plot_learning_curves(runs: Sequence[Run], metric: str, group: Sequence[str], colors: dict) -> Figure:
+    """`metric` (an eval/* one, from results.json's `history`) against the training step,
+    one panel per task, one line per group: the mean over seeds, shaded from min to max."""
+    metric = metric.replace('test/', 'eval/', 1)
+    done = [r for r in runs if r.status == 'done' and (r.record.get('history') or {}).get(metric)]
+    if not done:
+        raise Skip(f'no finished run has a history of {metric} (runs of older versions have none)')
+    panel_by = ['task.name'] if len({r.config.get('task.name') for r in done}) > 1 else []
+    fields = _line_fields(done, group, ['train.steps'] + panel_by)
+    by_panel = group_runs(done, panel_by)
+    fig, axes = panels(len(by_panel))
+    for ax, (panel, members) in zip(axes, by_panel.items()):
+        lines = group_runs(members, fields)
+        styles = _styles(lines, fields)
+        for key, line in lines.items():
+            curves = [dict((int(s), float(v)) for s, v in r.record['history'][metric]) for r in line]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = np.array([[c[s] for s in steps] for c in curves])
+            marker, ls = styles[key]
+            color = _color(key, fields, colors)
+            ax.plot(steps, values.mean(0), color=color, marker=marker, ls=ls, ms=3,
+                    label=f'{_line_label(fields, key)} ({len(line)} runs)')
+            if len(line) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15, lw=0)
+        _flat_chance(ax, members, metric)
+        ax.set_xlabel('training step')
+        _y_axis(ax, metric, members)
+        ax.set_title(str(panel[0]) if panel else None)
+        ax.grid(alpha=0.3)
+    finish(fig, f'{metric} during training (mean over seeds, shaded: min to max)')
     panel_legends(fig, axes)
     return fig

@@ -24,6 +24,7 @@ PLOT_TITLES = {
     'accuracy_vs_dependency_length': 'Accuracy against dependency length',
     'length_generalization': 'Length generalisation',
     'loss_by_position': 'Loss by position in the context',
+    'learning_curves': 'Learning curves',
 }
 PLOT_ALIASES = {'scaling': tuple(plots.SCALING_PLOTS)}
 SPEC_DEFAULTS: dict[str, Any] = dict(
@@ -77,6 +78,7 @@ def _plot_builders(spec: Mapping[str, Any], runs: Sequence[Run], fits: Sequence[
                      if k.endswith('/loss_by_position')})
     curve = 'test/loss_by_position' if 'test/loss_by_position' in curves or not curves else curves[0]
     out['loss_by_position'] = lambda: plots_metrics.plot_loss_by_position(runs, colors, curve=curve)
+    out['learning_curves'] = lambda: plots_metrics.plot_learning_curves(runs, spec['metric'], spec['group'], colors)
     return out
 
 

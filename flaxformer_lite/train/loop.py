@@ -164,11 +164,14 @@ class _Run:
         self.skipped = int(meta.get('skipped_updates', 0))  # non-finite updates skipped so far
         self.train_logged: dict | None = meta.get('train_logged')  # the last train/* summary and its step
         self.init_from: dict | None = meta.get('init_from')  # where the first weights came from (train.init_from)
+        # eval/* metric -> [[step, value], ...] of every evaluation (learning curves in the report)
+        self.history: dict[str, list] = {k: list(v) for k, v in meta.get('history', {}).items()}
 
     def meta(self) -> dict[str, Any]:
         return {'best': self.best, 'wall_s': self.wall_before + time.time() - self.session_start,
                 'train_s': self.train_before + self.timer.seconds, 'timed_steps': self.timed_before + self.timer.steps,
-                'skipped_updates': self.skipped, 'train_logged': self.train_logged, 'init_from': self.init_from}
+                'skipped_updates': self.skipped, 'train_logged': self.train_logged, 'init_from': self.init_from,
+                'history': self.history}
 
     def evaluate(self, step: int, params: Any, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scalars, curves = self.evaluator(params, split)
@@ -184,6 +187,8 @@ class _Run:
         if split == 'eval':
             self.last_eval = plain
             for name, value in plain.items():
+                self.history.setdefault(name, []).append([step, value])
+            for name, value in plain.items():
                 if name not in self.best or evaluate.is_better(name, value, self.best[name]['value']):
                     self.best[name] = {'value': value, 'step': step}
         return plain, curves
@@ -198,6 +203,7 @@ class _Run:
                                    skipped_updates=self.skipped)
         record['first_step_s'] = self.first_step_s
         record['init_from'] = self.init_from
+        record['history'] = self.history
         if jax.process_index() == 0:
             path = results_lib.write(self.workdir, record)
             self.progress.message(f'step {step}: wrote {path}')
