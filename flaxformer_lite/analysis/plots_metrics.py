@@ -41,7 +41,8 @@ def _line_fields(runs: Sequence[Run], group: Sequence[str], exclude: Sequence[st
 def _line_label(fields: Sequence[str], values: Sequence[Any]) -> str:
     parts = []
     for f, v in zip(fields, values):
-        parts.append(str(v) if f in ('model.name', 'model.size') else f'{f.rsplit(".", 1)[-1]}={fmt(v, f)}')
+        shown = 'none' if v is None else fmt(v, f)
+        parts.append(str(v) if f in ('model.name', 'model.size') else f'{f.rsplit(".", 1)[-1]}={shown}')
     return ' '.join(parts)
 
 

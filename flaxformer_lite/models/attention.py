@@ -73,104 +73,152 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, mask):
 
 
 def blockwise_attention(q_BTHK, k_BSGK, v_BSGK, *, causal=False, q_offset=0, kv_valid_BS=None,
-                        mask_BTS=None, block_size=128):
-    """Memory-efficient attention: keys in blocks of `block_size`, online softmax forward,
-    recomputing backward. Equal to `einsum_attention` up to float rounding."""
+                        mask_BTS=None, block_size=128, q_block_size=None):
+    """Memory-efficient attention: queries in blocks of `q_block_size` (default
+    `Q_BLOCKS * block_size`), keys in blocks of `block_size`, online softmax forward,
+    recomputing backward. Equal to `einsum_attention` up to float rounding, except rows
+    with no key to attend at all (their output is arbitrary but finite)."""
     b, t, h, kd = q_BTHK.shape
     s, g = k_BSGK.shape[1], k_BSGK.shape[2]
-    blk = min(block_size, s)
-    pad = (-s) % blk
+    kblk = min(block_size, s)
+    qblk = min(q_block_size or Q_BLOCKS * block_size, t)
+    kpad, qpad = (-s) % kblk, (-t) % qblk
     valid = jnp.ones((b, s), bool) if kv_valid_BS is None else jnp.broadcast_to(kv_valid_BS, (b, s))
-    if pad:
-        k_BSGK = jnp.pad(k_BSGK, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v_BSGK = jnp.pad(v_BSGK, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        valid = jnp.pad(valid, ((0, 0), (0, pad)))
-        if mask_BTS is not None:
-            mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, 0), (0, pad)))
-    q_pos = jnp.arange(t) + q_offset
-    extra = jnp.ones((1, t, s + pad), bool) if mask_BTS is None else mask_BTS
-    out = _flash(causal, blk, _group(q_BTHK, g), k_BSGK, v_BSGK, valid, q_pos, extra)
-    return out.reshape(b, t, h, kd).astype(q_BTHK.dtype)
+    k_BSGK = jnp.pad(k_BSGK, ((0, 0), (0, kpad), (0, 0), (0, 0)))
+    v_BSGK = jnp.pad(v_BSGK, ((0, 0), (0, kpad), (0, 0), (0, 0)))
+    valid = jnp.pad(valid, ((0, 0), (0, kpad)))
+    q_BTGRK = jnp.pad(_group(q_BTHK, g), ((0, 0), (0, qpad), (0, 0), (0, 0), (0, 0)))
+    # Padded query rows sit at position -1: they never widen a block's causal range.
+    q_pos = jnp.pad(jnp.arange(t) + q_offset, (0, qpad), constant_values=-1)
+    if mask_BTS is not None:
+        mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, qpad), (0, kpad)), constant_values=True)
+    out = _flash(causal, qblk, kblk, q_BTGRK, k_BSGK, v_BSGK, valid, q_pos, mask_BTS)
+    return out[:, :t].reshape(b, t, h, kd).astype(q_BTHK.dtype)
 
 
-def _block_inputs(k_BSGK, v_BSGK, valid_BS, extra_BTS, blk):
-    """Split the key axis into blocks (leading axis) for `lax.scan`."""
-    b, s, g, kd = k_BSGK.shape
-    n = s // blk
-    kb = k_BSGK.reshape(b, n, blk, g, kd).swapaxes(0, 1)
-    vb = v_BSGK.reshape(b, n, blk, g, kd).swapaxes(0, 1)
-    validb = valid_BS.reshape(b, n, blk).swapaxes(0, 1)
-    extrab = extra_BTS.reshape(extra_BTS.shape[0], extra_BTS.shape[1], n, blk).transpose(2, 0, 1, 3)
-    kpos = jnp.arange(s).reshape(n, blk)
-    return kb, vb, validb, extrab, kpos
+# Query blocks span this many key blocks by default: large enough that each block pair is
+# a sizeable matmul, small enough that skipping whole pairs above the causal diagonal
+# saves nearly half of the work (and that a block's scores stay in cache).
+Q_BLOCKS = 4
 
 
-def _block_scores(q, k_blk, valid_blk, extra_blk, kpos, q_pos, causal):
-    """Masked scores of all queries against one key block: [B, G, R, T, blk]."""
-    scores = jnp.einsum('btgrk,bsgk->bgrts', q, k_blk.astype(jnp.float32))
-    mask = valid_blk[:, None, :] & extra_blk  # [B, T, blk]
+def _blocks(x, blk, axis):
+    """Split `axis` into [n, blk] and move the block index to the front."""
+    shape = x.shape[:axis] + (x.shape[axis] // blk, blk) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _layout(qblk, kblk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS):
+    """Blocked operands: q [nq, B, G, R, qblk, K], k/v [nk, B, G, kblk, K], valid
+    [nk, B, kblk], positions [nq, qblk] / [nk, kblk], extra [nq, nk, B|1, qblk, kblk]."""
+    qb = _blocks(q_BTGRK.transpose(0, 2, 3, 1, 4), qblk, 3)
+    kb = _blocks(k_BSGK.transpose(0, 2, 1, 3), kblk, 2)
+    vb = _blocks(v_BSGK.transpose(0, 2, 1, 3), kblk, 2)
+    validb = _blocks(valid_BS, kblk, 1)
+    qposb = q_pos.reshape(-1, qblk)
+    kposb = jnp.arange(k_BSGK.shape[1]).reshape(-1, kblk)
+    extrab = None if extra_BTS is None else _blocks(_blocks(extra_BTS, qblk, 1), kblk, 3).swapaxes(0, 1)
+    return qb, kb, vb, validb, qposb, kposb, extrab
+
+
+def _ranges(causal, qposb, kblk, nk):
+    """Key blocks [0, hi_i) each query block needs, and the first query block lo_j that
+    needs key block j: under a causal mask the blocks above the diagonal are skipped."""
+    nq = qposb.shape[0]
+    if not causal:
+        return jnp.full((nq,), nk, jnp.int32), jnp.zeros((nk,), jnp.int32)
+    qmax = qposb.max(-1)  # positions are increasing: block i reaches key qmax_i
+    hi = jnp.clip(qmax // kblk + 1, 0, nk).astype(jnp.int32)
+    lo = (qmax[None, :] < (jnp.arange(nk) * kblk)[:, None]).sum(-1).astype(jnp.int32)
+    return hi, lo
+
+
+def _scores(causal, qi, kj, qpos_i, kpos_j, valid_j, extra_ij):
+    """Masked scores of one query block against one key block: [B, G, R, qblk, kblk]."""
+    scores = jnp.einsum('bgrqk,bgsk->bgrqs', qi, kj)
+    mask = valid_j[:, None, :]  # [B, 1, kblk]
     if causal:
-        mask = mask & (q_pos[:, None] >= kpos[None, :])[None]
+        mask = mask & (qpos_i[:, None] >= kpos_j[None, :])[None]
+    if extra_ij is not None:
+        mask = mask & extra_ij
     mask = mask[:, None, None]
     return jnp.where(mask, scores, _NEG), mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(causal, blk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS):
-    return _flash_fwd(causal, blk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(causal, qblk, kblk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS):
+    return _flash_fwd(causal, qblk, kblk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS)[0]
 
 
-def _flash_fwd(causal, blk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS):
+def _flash_fwd(causal, qblk, kblk, q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS):
     b, t, g, r, kd = q_BTGRK.shape
     q = q_BTGRK.astype(jnp.float32) / math.sqrt(kd)
-    blocks = _block_inputs(k_BSGK, v_BSGK, valid_BS, extra_BTS, blk)
+    k, v = k_BSGK.astype(jnp.float32), v_BSGK.astype(jnp.float32)
+    qb, kb, vb, validb, qposb, kposb, extrab = _layout(qblk, kblk, q, k, v, valid_BS, q_pos, extra_BTS)
+    hi, _ = _ranges(causal, qposb, kblk, kb.shape[0])
 
-    def body(carry, xs):
-        m, l, acc = carry
-        k_blk, v_blk, valid_blk, extra_blk, kpos = xs
-        scores, _ = _block_scores(q, k_blk, valid_blk, extra_blk, kpos, q_pos, causal)
-        m_new = jnp.maximum(m, scores.max(-1))
-        p = jnp.exp(scores - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum('bgrts,bsgk->bgrtk', p, v_blk.astype(jnp.float32))
-        return (m_new, l, acc), None
+    def q_block(xs):
+        i, qi = xs
 
-    init = (jnp.full((b, g, r, t), -jnp.inf, jnp.float32), jnp.zeros((b, g, r, t), jnp.float32),
-            jnp.zeros((b, g, r, t, kd), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, blocks)
-    out_BGRTK = acc / l[..., None]
-    lse = m + jnp.log(l)
-    out = out_BGRTK.transpose(0, 3, 1, 2, 4)  # [B, T, G, R, K]
-    return out, (q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS, out_BGRTK, lse)
+        def body(j, carry):
+            m, l, acc = carry
+            extra = None if extrab is None else extrab[i, j]
+            scores, _ = _scores(causal, qi, kb[j], qposb[i], kposb[j], validb[j], extra)
+            m_new = jnp.maximum(m, scores.max(-1))
+            p = jnp.exp(scores - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum('bgrqs,bgsk->bgrqk', p, vb[j])
+            return m_new, l, acc
+
+        init = (jnp.full(qi.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qi.shape[:-1], jnp.float32),
+                jnp.zeros(qi.shape, jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, hi[i], body, init)
+        return acc / l[..., None], m + jnp.log(l)
+
+    out_b, lse_b = jax.lax.map(q_block, (jnp.arange(qb.shape[0]), qb))  # [nq, B, G, R, qblk, (K)]
+    out = jnp.moveaxis(out_b, 0, 3).reshape(b, g, r, t, kd).transpose(0, 3, 1, 2, 4)  # [B, T, G, R, K]
+    return out, (q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS, out_b, lse_b)
 
 
-def _flash_bwd(causal, blk, res, d_out_BTGRK):
-    q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS, out_BGRTK, lse = res
+def _flash_bwd(causal, qblk, kblk, res, d_out_BTGRK):
+    q_BTGRK, k_BSGK, v_BSGK, valid_BS, q_pos, extra_BTS, out_b, lse_b = res
     kd = q_BTGRK.shape[-1]
     scale = 1.0 / math.sqrt(kd)
     q = q_BTGRK.astype(jnp.float32) * scale
-    do = d_out_BTGRK.astype(jnp.float32).transpose(0, 2, 3, 1, 4)  # [B, G, R, T, K]
-    delta = (do * out_BGRTK).sum(-1)  # [B, G, R, T]
-    blocks = _block_inputs(k_BSGK, v_BSGK, valid_BS, extra_BTS, blk)
+    k, v = k_BSGK.astype(jnp.float32), v_BSGK.astype(jnp.float32)
+    qb, kb, vb, validb, qposb, kposb, extrab = _layout(qblk, kblk, q, k, v, valid_BS, q_pos, extra_BTS)
+    dob = _blocks(d_out_BTGRK.astype(jnp.float32).transpose(0, 2, 3, 1, 4), qblk, 3)
+    delta_b = (dob * out_b).sum(-1)  # [nq, B, G, R, qblk]
+    _, lo = _ranges(causal, qposb, kblk, kb.shape[0])
+    nq = qb.shape[0]
 
-    def body(dq, xs):
-        k_blk, v_blk, valid_blk, extra_blk, kpos = xs
-        scores, mask = _block_scores(q, k_blk, valid_blk, extra_blk, kpos, q_pos, causal)
-        p = jnp.exp(scores - lse[..., None])
-        dv = jnp.einsum('bgrts,bgrtk->bsgk', p, do)
-        dp = jnp.einsum('bgrtk,bsgk->bgrts', do, v_blk.astype(jnp.float32))
-        ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0)
-        dq = dq + jnp.einsum('bgrts,bsgk->btgrk', ds, k_blk.astype(jnp.float32))
-        dk = jnp.einsum('bgrts,btgrk->bsgk', ds, q)
+    def k_block(dq, xs):
+        j, kj, vj = xs
+
+        def body(i, carry):
+            dq, dk, dv = carry
+            extra = None if extrab is None else extrab[i, j]
+            scores, mask = _scores(causal, qb[i], kj, qposb[i], kposb[j], validb[j], extra)
+            p = jnp.exp(scores - lse_b[i][..., None])
+            dv = dv + jnp.einsum('bgrqs,bgrqk->bgsk', p, dob[i])
+            dp = jnp.einsum('bgrqk,bgsk->bgrqs', dob[i], vj)
+            ds = jnp.where(mask, p * (dp - delta_b[i][..., None]), 0.0)
+            dq = jax.lax.dynamic_update_index_in_dim(dq, dq[i] + jnp.einsum('bgrqs,bgsk->bgrqk', ds, kj), i, 0)
+            dk = dk + jnp.einsum('bgrqs,bgrqk->bgsk', ds, qb[i])
+            return dq, dk, dv
+
+        dq, dk, dv = jax.lax.fori_loop(lo[j], nq, body, (dq, jnp.zeros_like(kj), jnp.zeros_like(vj)))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), blocks)
-    n, b, _, g, _ = dk.shape
-    dk = dk.swapaxes(0, 1).reshape(k_BSGK.shape)
-    dv = dv.swapaxes(0, 1).reshape(v_BSGK.shape)
-    return ((dq * scale).astype(q_BTGRK.dtype), dk.astype(k_BSGK.dtype), dv.astype(v_BSGK.dtype),
-            None, None, None)
+    dq_b, (dk_b, dv_b) = jax.lax.scan(k_block, jnp.zeros_like(qb), (jnp.arange(kb.shape[0]), kb, vb))
+
+    def unblock_kv(x_b):  # [nk, B, G, kblk, K] -> [B, S, G, K]
+        return jnp.moveaxis(x_b, 0, 2).reshape(k_BSGK.shape[0], k_BSGK.shape[2], -1, kd).transpose(0, 2, 1, 3)
+
+    dq = jnp.moveaxis(dq_b, 0, 3).reshape(q.shape[0], q.shape[2], q.shape[3], -1, kd).transpose(0, 3, 1, 2, 4)
+    return ((dq * scale).astype(q_BTGRK.dtype), unblock_kv(dk_b).astype(k_BSGK.dtype),
+            unblock_kv(dv_b).astype(v_BSGK.dtype), None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -224,7 +272,11 @@ class MultiHeadAttention(nn.Module):
             mask = build_mask(t, k.shape[1], causal=causal, q_offset=q_offset, kv_valid_BS=kv_valid_BS,
                               mask_BTS=mask_BTS)
             if impl == 'xla':
-                out = xla_attention(q, k, v, mask)
+                # Causality by structure alone lets XLA pick a fused kernel (cuDNN flash
+                # attention on GPUs) that an explicit [T, S] mask rules out.
+                plain_causal = causal and kv_valid_BS is None and mask_BTS is None and not use_cache
+                out = (jax.nn.dot_product_attention(q, k, v, is_causal=True) if plain_causal
+                       else xla_attention(q, k, v, mask))
             elif impl == 'einsum':
                 rng = None if deterministic or self.dropout == 0 else self.make_rng('dropout')
                 out = einsum_attention(q, k, v, mask, dropout_rate=self.dropout, dropout_rng=rng,
