@@ -191,8 +191,10 @@ class DecoderOnly(nn.Module):
 
     Built with cfg.decode, each call continues from the cached prefix (KV cache and
     position counter in the 'cache' collection), one or more tokens at a time.
+    causal=False is EncoderMLM: the same model over a bidirectional stack named 'encoder'.
     """
     cfg: TransformerConfig
+    causal: bool = True
 
     @nn.compact
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
@@ -200,8 +202,8 @@ class DecoderOnly(nn.Module):
         tokens_BT = batch['inputs']
         embed = _embed(cfg, cfg.vocab_size, 'embed')
         x = _Embedder(cfg, embed, not train, name='embedder')(tokens_BT)
-        x = Stack(cfg, cfg.num_layers, causal=True, cross=False, deterministic=not train, name='decoder')(
-            x, None, tokens_BT != cfg.pad_id)
+        x = Stack(cfg, cfg.num_layers, causal=self.causal, cross=False, deterministic=not train,
+                  name='decoder' if self.causal else 'encoder')(x, None, tokens_BT != cfg.pad_id)
         return _logits(cfg, x, embed if cfg.share_embeddings else None)
 
 
@@ -238,20 +240,10 @@ class EncoderDecoder(nn.Module):
         return _logits(cfg, x, tgt_embed if cfg.share_embeddings else None)
 
 
-class EncoderMLM(nn.Module):
+class EncoderMLM(DecoderOnly):
     """Bidirectional encoder + vocabulary projection: logits [B, T, V] at every position
     (the loss counts the masked ones). Parameters as in EncoderClassifier up to the head."""
-    cfg: TransformerConfig
-
-    @nn.compact
-    def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
-        cfg = self.cfg
-        tokens_BT = batch['inputs']
-        embed = _embed(cfg, cfg.vocab_size, 'embed')
-        x = _Embedder(cfg, embed, not train, name='embedder')(tokens_BT)
-        x = Stack(cfg, cfg.num_layers, causal=False, cross=False, deterministic=not train, name='encoder')(
-            x, None, tokens_BT != cfg.pad_id)
-        return _logits(cfg, x, embed if cfg.share_embeddings else None)
+    causal: bool = False
 
 
 class EncoderClassifier(nn.Module):
