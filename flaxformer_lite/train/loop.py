@@ -353,7 +353,7 @@ def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdi
                 progress.message(f'resumed from step {start} in {workdir}')
             else:
                 start = 0
-                state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+                state = setup.init_state()
                 if init_plan is not None:  # a resumed run has them in its checkpoint
                     state = state.replace(params=transfer.load(init_plan, state.params))
                     meta['init_from'] = init_plan.summary()
