@@ -6,7 +6,11 @@ them in `logs/`: `<dir>.log` (the trial's output) and `<dir>.json` (running / fa
 with exit code and last error line / done). A rerun skips trials whose results.json
 says done, resumes unfinished ones from their checkpoints and reruns failed ones; a
 failure never stops the others. All trials share one persistent JAX compilation cache
-(`jax_cache/`), so a shape compiled by one trial is read, not compiled, by the next.
+(`jax_cache/`), so a shape compiled by one trial is read, not compiled, by the next
+(trials that differ only in their seed are never started side by side while others
+wait, so the second reads what the first compiled). Trials are forked from a server
+that has imported jax and this package once (`forkserver.py`; plain subprocesses when
+it cannot run, or with FLAXFORMER_FORK_SERVER=0).
 
 Safe to kill at any moment: the runner holds the sweep workdir's lock (a second runner
 is refused), each trial process holds its trial workdir's lock (a second `--trial=I`, or
@@ -29,6 +33,7 @@ import traceback
 from typing import Any
 
 from flaxformer_lite.errors import UserError
+from flaxformer_lite.sweep.forkserver import ForkServer
 from flaxformer_lite.sweep.plan import CACHE_DIR, LOG_DIR, Sweep, TrialSpec
 
 # The metric shown for each trial in progress lines and the final table (first present).
@@ -142,10 +147,15 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
         held.release(undo=undo)
 
 
+def trial_argv(sweep: Sweep, trial_index: int | str) -> list[str]:
+    """The arguments of `launch.py` that run one trial."""
+    return [f'--config={sweep.config}', '--sweep', f'--trial={trial_index}', f'--workdir={os.path.abspath(sweep.workdir)}',
+            *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
+
+
 def trial_command(sweep: Sweep, trial_index: int | str) -> list[str]:
     """The command that runs one trial (the same for the local runner and SLURM)."""
-    return [sys.executable, '-m', 'flaxformer_lite', f'--config={sweep.config}', '--sweep', f'--trial={trial_index}',
-            f'--workdir={os.path.abspath(sweep.workdir)}', *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
+    return [sys.executable, '-m', 'flaxformer_lite', *trial_argv(sweep, trial_index)]
 
 
 def child_env() -> dict[str, str]:
@@ -175,6 +185,20 @@ def _shown(record: dict[str, Any]) -> str:
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def _shapes(trial: TrialSpec) -> tuple:
+    """What a trial compiles is fixed by everything but its seed (the seed enters the
+    compiled programs as data), so trials alike but for the seed share the compilation cache."""
+    return tuple(sorted((k, repr(v)) for k, v in trial.overrides.items() if k != 'train.seed'))
+
+
+def _next_trial(ready: list[TrialSpec], running: list[TrialSpec]) -> TrialSpec | None:
+    """The first ready trial whose programs no running trial is compiling: started beside
+    its twin, it would compile the same programs again instead of reading them from the
+    cache once the twin has written them (a second seed then costs a fraction of the first)."""
+    busy = {_shapes(t) for t in running}
+    return next((t for t in ready if _shapes(t) not in busy), ready[0] if ready else None)
 
 
 def run_local(sweep: Sweep, parallel: int) -> int:
@@ -207,13 +231,15 @@ def run_local(sweep: Sweep, parallel: int) -> int:
 
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     waiting: set[int] = set()
+    server = ForkServer.start(child_env()) if todo else None
     try:
         queue = list(todo)
         while queue or running:
             while queue and free and stop['signal'] is None:
                 # A trial another live process holds (a trial of a killed runner still
                 # saving, a --trial task) waits; the others go first.
-                trial = next((t for t in queue if lock_lib.holder(sweep.trial_workdir(t)) is None), None)
+                trial = _next_trial([t for t in queue if lock_lib.holder(sweep.trial_workdir(t)) is None],
+                                    [t for _, t, *_ in running.values()])
                 if trial is None:
                     for t in queue:
                         holder = lock_lib.holder(sweep.trial_workdir(t))
@@ -229,8 +255,10 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                 slot = free.pop(0)
                 os.makedirs(os.path.join(sweep.workdir, LOG_DIR), exist_ok=True)
                 log = open(log_path(sweep, trial), 'a')
-                proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT,
-                                        env=child_env(), preexec_fn=preexec(groups[slot]))
+                proc = server and server.spawn(trial_argv(sweep, trial.index), log_path(sweep, trial), groups[slot])
+                if proc is None:
+                    proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                            preexec_fn=preexec(groups[slot]))
                 running[slot] = (proc, trial, time.time(), log)
             time.sleep(0.2)
             for slot, (proc, trial, start, log) in list(running.items()):
@@ -260,6 +288,8 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                       f'ETA {_duration(eta)}] trial {trial.index} ({trial.name}) {verdict} in '
                       f'{_duration(time.time() - start)}: {_shown(record)}', file=sys.stderr, flush=True)
     finally:
+        if server is not None:
+            server.close()
         for s, h in old.items():
             signal.signal(s, h)
     print(summary_table(sweep), file=sys.stderr, flush=True)

@@ -1,0 +1,87 @@
+"""The sweep runner's fork server: a child runs `launch.py`'s arguments as a fresh
+process would (its exit status, its output in the log, the CPUs it was given), a
+signalled child stops as a trial process does (SIGTERM: checkpoint, then 143), the
+server's death stops its children, and FLAXFORMER_FORK_SERVER=0 turns it off."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import ROOT, TINY_MODEL, TINY_RECALL, TINY_TRAIN
+
+from flaxformer_lite.sweep import forkserver, runner
+
+
+def _override(fields):
+    return [f'--config.{k}={v}' for k, v in fields.items()]
+
+
+def _long_run(workdir):
+    """A tiny training that runs for minutes unless stopped, checkpointing every 5 steps."""
+    fields = {**TINY_RECALL, **TINY_MODEL, **TINY_TRAIN, 'train.steps': 100000, 'checkpoint.every_steps': 5,
+              'eval.every_steps': 100000}
+    return [f'--config={ROOT}/configs/recall.py', f'--workdir={workdir}', *_override(fields)]
+
+
+def _wait(predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value is not None and value is not False:
+            return value
+        time.sleep(0.1)
+    raise AssertionError('timed out')
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    started = forkserver.ForkServer.start(runner.child_env())
+    assert started is not None
+    yield started
+    started.close()
+
+
+def test_a_child_exits_as_launch_would_with_its_output_in_the_log(server, tmp_path):
+    log = tmp_path / 'bad.log'
+    child = server.spawn(['--config=configs/recall.py', '--config.train.stepz=3', '--describe'], str(log), {0})
+    assert _wait(child.poll) == 2
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1 and 'train.stepz' in lines[0] and 'train.steps' in lines[0], lines
+    good = server.spawn(['--config=configs/recall.py', '--describe'], str(tmp_path / 'good.log'), {0})
+    assert _wait(good.poll, timeout=60) is not None and good.poll() == 0
+    assert 'parameters' in (tmp_path / 'good.log').read_text()
+
+
+def test_a_signalled_child_saves_and_stops_on_the_cpus_it_was_given(server, tmp_path):
+    cpus = {sorted(os.sched_getaffinity(0))[-1]}
+    workdir = tmp_path / 'run'
+    child = server.spawn(_long_run(workdir), str(tmp_path / 'run.log'), cpus)
+    _wait(lambda: (workdir / 'checkpoints').is_dir() and any(n.isdigit() for n in os.listdir(workdir / 'checkpoints')))
+    with open(f'/proc/{child.pid}/status') as f:
+        allowed = next(line for line in f if line.startswith('Cpus_allowed_list:')).split()[1]
+    assert allowed == str(next(iter(cpus)))
+    child.send_signal(signal.SIGTERM)
+    assert _wait(child.poll, timeout=120) == 128 + signal.SIGTERM, (tmp_path / 'run.log').read_text()[-2000:]
+    assert 'by a signal; checkpoint saved' in (tmp_path / 'run.log').read_text()
+
+
+def test_the_servers_death_stops_its_children(server, tmp_path):
+    workdir = tmp_path / 'run'
+    child = server.spawn(_long_run(workdir), str(tmp_path / 'run.log'), set(os.sched_getaffinity(0)))
+    _wait(lambda: (workdir / 'checkpoints').is_dir())
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait()
+    # The child got SIGTERM: it saves and exits; the dead server cannot say how, so the
+    # runner counts it as not done (1), and results.json was never written.
+    assert _wait(child.poll, timeout=120) == 1
+    assert not forkserver._running(child.pid)
+    assert not (workdir / 'results.json').exists()
+    assert server.spawn(['--describe'], str(tmp_path / 'x.log'), {0}) is None  # the runner then uses Popen
+
+
+def test_the_switch_turns_the_server_off(monkeypatch):
+    monkeypatch.setenv(forkserver.ENV_SWITCH, '0')
+    assert forkserver.ForkServer.start(runner.child_env()) is None
