@@ -1,7 +1,8 @@
-"""The sweep runner's fork server: a child runs `launch.py`'s arguments as a fresh
+"""The sweep runner's fork server and scheduling: a child runs `launch.py`'s arguments as a fresh
 process would (its exit status, its output in the log, the CPUs it was given), a
 signalled child stops as a trial process does (SIGTERM: checkpoint, then 143), the
-server's death stops its children, and FLAXFORMER_FORK_SERVER=0 turns it off."""
+server's death stops its children, FLAXFORMER_FORK_SERVER=0 turns it off; a trial
+that differs from a running one only in its seed waits while others can start."""
 
 import os
 import signal
@@ -85,3 +86,14 @@ def test_the_servers_death_stops_its_children(server, tmp_path):
 def test_the_switch_turns_the_server_off(monkeypatch):
     monkeypatch.setenv(forkserver.ENV_SWITCH, '0')
     assert forkserver.ForkServer.start(runner.child_env()) is None
+
+
+def test_a_seed_twin_waits_while_other_trials_can_start():
+    def trial(i, **overrides):
+        return runner.TrialSpec(index=i, name=str(i), dir=str(i), overrides=overrides)
+    a0, a1 = trial(0, **{'model.name': 'lstm', 'train.seed': 0}), trial(1, **{'model.name': 'lstm', 'train.seed': 1})
+    b0 = trial(2, **{'model.name': 'gru', 'train.seed': 0})
+    assert runner._next_trial([a1, b0], running=[a0]) is b0  # a1 would compile what a0 compiles
+    assert runner._next_trial([a1, b0], running=[]) is a1
+    assert runner._next_trial([a1], running=[a0]) is a1  # nothing else to do: do not idle
+    assert runner._next_trial([], running=[a0]) is None
