@@ -16,7 +16,8 @@ while recurrent models of the same size degrade as the number of bindings and th
 distance grow.
 
 Families: transformer, lstm, gru and rnn, and the fixed-state linear_attention and mingru
-(full adds mamba), each parameter-matched to the Transformer of its size.
+(quick: at the smallest size only; full adds mamba), each parameter-matched to the
+Transformer of its size.
 
 Arg: `quick` (micro and tiny models, lengths 16 and 64, 2 seeds: a 2-core CPU) or `full` (tiny
 to small, lengths 16-1024, 3 seeds: accelerators); `task=copy|mqar|agreement`; `tune`
@@ -30,14 +31,16 @@ from flaxformer_lite.config import experiment_options, make_config
 from flaxformer_lite.tasks import REGISTRY
 
 CLASSIC = ('transformer', 'lstm', 'gru', 'rnn')
-# Fixed-state families (issue 16): linear attention and minGRU in quick; Mamba only in
-# full (its [batch, length, channels, state] scan costs 400 s a trial at tiny, length 64,
-# on the 2-core CPU: measured, against 68 s for the Transformer).
+# Fixed-state families (issue 16): linear attention and minGRU in quick, at its smallest
+# size only (at tiny, length 64 their parallel scans cost 76 s and 98 s a trial on one
+# core against 33 s for the GRU: measured; with them at both sizes the quick form took
+# 14 min); Mamba only in full (its [batch, length, channels, state] scan costs 400 s a
+# trial at tiny, length 64, against 68 s for the Transformer).
 MODES = {
     'quick': dict(sizes=('micro', 'tiny'), lengths=(16, 64), seeds=2, steps=800, batch=32,
-                  families=CLASSIC + ('linear_attention', 'mingru')),
+                  families=CLASSIC, modern=('linear_attention', 'mingru'), modern_sizes=('micro',)),
     'full': dict(sizes=('tiny', 'mini', 'small'), lengths=(16, 64, 256, 1024), seeds=3, steps=20000, batch=64,
-                 families=CLASSIC + ('linear_attention', 'mingru', 'mamba')),
+                 families=CLASSIC, modern=('linear_attention', 'mingru', 'mamba'), modern_sizes=('tiny', 'mini', 'small')),
 }
 # The task's own knobs (its dependency_length and seq_len come from the sweep).
 TASKS = {
@@ -95,12 +98,14 @@ def get_sweep(arg=None):
     mode, task, tune = _options(arg)
     m = MODES[mode]
     if tune:
-        return sweep.product({'model.name': list(m['families']), 'optim.learning_rate': list(TUNE_GRID)},
+        return sweep.product({'model.name': list(m['families'] + m['modern']), 'optim.learning_rate': list(TUNE_GRID)},
                              {'model.size': m['sizes'][0]}, [_length(task, TUNE_LENGTH[task])])
-    families = sweep.zip({'model.name': list(m['families']),
-                          'optim.learning_rate': [_rate(task, f) for f in m['families']]})
-    return sweep.product({'model.size': list(m['sizes'])}, families, [_length(task, n) for n in m['lengths']],
-                         sweep.seeds(m['seeds']))
+
+    def grid(sizes, names):
+        families = sweep.zip({'model.name': list(names), 'optim.learning_rate': [_rate(task, f) for f in names]})
+        return sweep.product({'model.size': list(sizes)}, families, [_length(task, n) for n in m['lengths']],
+                             sweep.seeds(m['seeds']))
+    return grid(m['sizes'], m['families']) + grid(m['modern_sizes'], m['modern'])
 
 
 def get_report(arg=None):
