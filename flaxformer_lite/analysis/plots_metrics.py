@@ -10,7 +10,7 @@ seed, or a tuned field (swept `optim.*`: each point keeps its best value); point
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -113,6 +113,27 @@ def _chance(ax, runs: Sequence[Run], metric: str, x_of) -> None:
         ax.plot(xs, [np.mean(points[x]) for x in xs], color='gray', ls='--', lw=1, label='chance')
 
 
+def _panelled(done: Sequence[Run], panel_by: Sequence[str], fields: Sequence[str], colors: dict, title: str,
+              draw: Callable[..., None], decorate: Callable[..., None], **panel_size) -> Figure:
+    """The figure every per-group plot shares: one panel per value of `panel_by`, one
+    line per value of `fields` (its colour and marker fixed across panels), drawn by
+    `draw(ax, line_runs, label=..., color=..., marker=..., ls=...)`, then
+    `decorate(ax, panel, members)`; a grid, the title and one legend per panel."""
+    by_panel = group_runs(done, panel_by)
+    fig, axes = panels(len(by_panel), **panel_size)
+    for ax, (panel, members) in zip(axes, by_panel.items()):
+        lines = group_runs(members, fields)
+        styles = _styles(lines, fields)
+        for key, line in lines.items():
+            marker, ls = styles[key]
+            draw(ax, line, label=_line_label(fields, key), color=_color(key, fields, colors), marker=marker, ls=ls)
+        decorate(ax, panel, members)
+        ax.grid(alpha=0.3)
+    finish(fig, title)
+    panel_legends(fig, axes)
+    return fig
+
+
 def plot_metric_vs_x(runs: Sequence[Run], metric: str, x: str, group: Sequence[str], colors: dict, *,
                      error: str = 'std') -> Figure:
     """`metric` against config field `x`, one panel per task, one line per group."""
@@ -123,27 +144,20 @@ def plot_metric_vs_x(runs: Sequence[Run], metric: str, x: str, group: Sequence[s
     fields = _line_fields(done, group, [x] + panel_by)
     tuned = [f for f in varying_fields(done) if f.startswith('optim.')]
     done = keep_best_tuned(done, tuned, panel_by + fields + [x], metric)
-    by_panel = group_runs(done, panel_by)
-    fig, axes = panels(len(by_panel))
-    for ax, (panel, members) in zip(axes, by_panel.items()):
-        lines = group_runs(members, fields)
-        styles = _styles(lines, fields)
-        for key, line in lines.items():
-            by_x = group_runs(line, [x])
-            xs = sorted(k[0] for k in by_x)
-            stats = [summarize(r.number(metric) for r in by_x[(v,)]) for v in xs]
-            marker, ls = styles[key]
-            _errorbar(ax, xs, stats, error, color=_color(key, fields, colors), marker=marker, ls=ls,
-                      label=_line_label(fields, key))
+    def draw(ax, line, **style):
+        by_x = group_runs(line, [x])
+        xs = sorted(k[0] for k in by_x)
+        _errorbar(ax, xs, [summarize(r.number(metric) for r in by_x[(v,)]) for v in xs], error, **style)
+
+    def decorate(ax, panel, members):
         _chance(ax, members, metric, lambda r: r.number(x))
         _x_axis(ax, [r.number(x) for r in members], f'{x} ({UNITS[x]})' if x in UNITS else x)
         _y_axis(ax, metric, members)
         ax.set_title(str(panel[0]) if panel else None)
-        ax.grid(alpha=0.3)
+
     spread = 'min to max' if error == 'minmax' else 'std'
-    finish(fig, f'{metric} against {x} (mean over seeds, bars: {spread})')
-    panel_legends(fig, axes)
-    return fig
+    return _panelled(done, panel_by, fields, colors, f'{metric} against {x} (mean over seeds, bars: {spread})', draw,
+                     decorate)
 
 
 def _dep_pattern(metric: str) -> re.Pattern:
@@ -172,31 +186,21 @@ def plot_length_generalization(runs: Sequence[Run], metric: str, group: Sequence
     fields = _line_fields(done, group, panel_by)
     tuned = [f for f in varying_fields(done) if f.startswith('optim.')]
     done = keep_best_tuned(done, tuned, panel_by + fields, metric)
-    by_panel = group_runs(done, panel_by)
-    fig, axes = panels(len(by_panel))
-    for ax, (panel, members) in zip(axes, by_panel.items()):
-        lines = group_runs(members, fields)
-        styles = _styles(lines, fields)
-        all_x = []
-        for key, line in lines.items():
-            per_run = [length_points(r, metric, x) for r in line]
-            xs = sorted({L for p in per_run for L in p})
-            stats = [summarize(p.get(L) for p in per_run) for L in xs]
-            marker, ls = styles[key]
-            _errorbar(ax, xs, stats, error, color=_color(key, fields, colors), marker=marker, ls=ls,
-                      label=_line_label(fields, key))
-            all_x += xs
-        trained = panel[-1]
-        ax.axvline(trained, color='black', ls=':', lw=1, label='trained length')
+    def draw(ax, line, **style):
+        per_run = [length_points(r, metric, x) for r in line]
+        xs = sorted({L for p in per_run for L in p})
+        _errorbar(ax, xs, [summarize(p.get(L) for p in per_run) for L in xs], error, **style)
+
+    def decorate(ax, panel, members):
+        ax.axvline(panel[-1], color='black', ls=':', lw=1, label='trained length')
         _flat_chance(ax, members, metric)
-        _x_axis(ax, all_x, 'evaluated dependency length (tokens)')
+        _x_axis(ax, [L for r in members for L in length_points(r, metric, x)], 'evaluated dependency length (tokens)')
         _y_axis(ax, metric, members)
         ax.set_title(', '.join(f'{f.rsplit(".", 1)[-1]}={fmt(v, f)}' for f, v in zip(panel_by, panel)).replace(
             'dependency_length=', 'trained at length '))
-        ax.grid(alpha=0.3)
-    finish(fig, f'Length generalisation: {metric} at evaluated lengths (mean over seeds)')
-    panel_legends(fig, axes)
-    return fig
+
+    return _panelled(done, panel_by, fields, colors,
+                     f'Length generalisation: {metric} at evaluated lengths (mean over seeds)', draw, decorate)
 
 
 def _flat_chance(ax, runs: Sequence[Run], metric: str) -> None:
@@ -246,26 +250,19 @@ def plot_learning_curves(runs: Sequence[Run], metric: str, group: Sequence[str],
         raise Skip(f'no finished run has a history of {metric} (runs of older versions have none)')
     panel_by = ['task.name'] if len({r.config.get('task.name') for r in done}) > 1 else []
     fields = _line_fields(done, group, ['train.steps'] + panel_by)
-    by_panel = group_runs(done, panel_by)
-    fig, axes = panels(len(by_panel))
-    for ax, (panel, members) in zip(axes, by_panel.items()):
-        lines = group_runs(members, fields)
-        styles = _styles(lines, fields)
-        for key, line in lines.items():
-            curves = [dict((int(s), float(v)) for s, v in r.record['history'][metric]) for r in line]
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            values = np.array([[c[s] for s in steps] for c in curves])
-            marker, ls = styles[key]
-            color = _color(key, fields, colors)
-            ax.plot(steps, values.mean(0), color=color, marker=marker, ls=ls, ms=3,
-                    label=f'{_line_label(fields, key)} ({len(line)} runs)')
-            if len(line) > 1:
-                ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15, lw=0)
+    def draw(ax, line, *, label, color, marker, ls):
+        curves = [dict((int(s), float(v)) for s, v in r.record['history'][metric]) for r in line]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])
+        ax.plot(steps, values.mean(0), color=color, marker=marker, ls=ls, ms=3, label=f'{label} ({len(line)} runs)')
+        if len(line) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15, lw=0)
+
+    def decorate(ax, panel, members):
         _flat_chance(ax, members, metric)
         ax.set_xlabel('training step')
         _y_axis(ax, metric, members)
         ax.set_title(str(panel[0]) if panel else None)
-        ax.grid(alpha=0.3)
-    finish(fig, f'{metric} during training (mean over seeds, shaded: min to max)')
-    panel_legends(fig, axes)
-    return fig
+
+    return _panelled(done, panel_by, fields, colors, f'{metric} during training (mean over seeds, shaded: min to max)',
+                     draw, decorate)
