@@ -243,17 +243,9 @@ class ForkServer:
 
 
 def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not running
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, IndexError):
-        return True
+    """Alive and not a zombie (Linux: from /proc, as the workdir lock judges its holders)."""
+    from flaxformer_lite import lock
+    return lock._proc_start(pid)[0] not in (None, 'Z')
 
 
 if __name__ == '__main__':
