@@ -82,7 +82,7 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         norm_position=placeholder(str),  # pre | post (the paper's); default pre
         share_embeddings=True,  # one table for input(s) and output projection
         scale_embeddings=True,  # multiply embeddings by sqrt(d_model), as in the paper
-        scan_layers=False,  # nn.scan over layers: flat compile time in depth
+        scan_layers=placeholder(bool),  # nn.scan over layers (flat compile time in depth); unset: by depth and backend
         remat='none',  # none | full | dots (what nn.remat saves in each layer)
         dtype='float32',  # compute dtype: float32 | bfloat16 (parameters stay float32)
         pooling='mean',  # classifiers: mean | first | last

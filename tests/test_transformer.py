@@ -110,6 +110,29 @@ def _stepwise_logits(m, spec, params, batch):
     return jnp.stack(out, axis=1)
 
 
+def test_an_unset_layer_scan_is_chosen_by_depth_and_backend():
+    """Unrolled on CPU at any depth (scanned steps measured slower there); scanned on an
+    accelerator from SCAN_MIN_LAYERS on, the deeper of encoder and decoder deciding; a
+    value the user set is kept; the resolved value is what a run saves."""
+    assert model_cfg(LM)['scan_layers'] is False and model_cfg(LM, num_layers=48)['scan_layers'] is False
+    deep = tf.SCAN_MIN_LAYERS
+    assert tf.scan_pays(deep, 'gpu') and tf.scan_pays(deep, 'tpu') and not tf.scan_pays(deep - 1, 'gpu')
+    assert not tf.scan_pays(10 * deep, 'cpu')
+    assert model_cfg(LM, scan_layers=True)['scan_layers'] is True
+    real = tf.scan_pays
+    try:
+        tf.scan_pays = lambda n, backend=None: real(n, 'gpu')
+        assert model_cfg(S2S, num_layers=2, encoder_layers=deep)['scan_layers'] is True
+        assert model_cfg(LM, num_layers=deep, scan_layers=False)['scan_layers'] is False
+        assert model_cfg(LM, num_layers=deep - 1)['scan_layers'] is False
+    finally:
+        tf.scan_pays = real
+    from conftest import tiny_config
+    from flaxformer_lite import experiment
+    assert config_lib.base_config('recall').model.scan_layers is None
+    assert experiment.resolve(tiny_config()).config.model.scan_layers is False
+
+
 @pytest.mark.parametrize('spec', [LM, S2S], ids=lambda s: s.kind)
 @pytest.mark.parametrize('variant', [{}, dict(pos_encoding='rotary', num_kv_heads=2),
                                      dict(pos_encoding='learned', scan_layers=True),

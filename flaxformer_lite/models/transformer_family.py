@@ -17,6 +17,20 @@ from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, 
 from flaxformer_lite.spec import TaskSpec
 
 DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
+# model.scan_layers unset: the layer scan from this depth on, on accelerators, where an
+# unrolled stack's compile time grows with every layer (not measured here: no GPU). Never
+# on CPU: there a scanned train step measured 1.8x an unrolled one at 2 and 8 layers and
+# 1.5x at 24 (width 256, T=128, batch 4: 66 / 37 ms, 356 / 194 ms, 1,212 / 811 ms), while
+# the scan saves 15 s of compile at 24 layers (6 against 21 s), repaid only by runs under
+# about 40 steps (experiments/README.md, Performance).
+SCAN_MIN_LAYERS = 16
+
+
+def scan_pays(num_layers: int, backend: str | None = None) -> bool:
+    """Whether `model.scan_layers` left unset becomes True for a stack this deep."""
+    return num_layers >= SCAN_MIN_LAYERS and (backend or jax.default_backend()) != 'cpu'
+
+
 CHOICES = dict(pos_encoding=POSITION_KINDS, attention_impl=IMPLEMENTATIONS, ffn=('relu', 'gelu', 'swiglu'),
                norm=('layernorm', 'rmsnorm'), norm_position=('pre', 'post'), pooling=('mean', 'first', 'last'),
                arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier',
@@ -30,6 +44,8 @@ def resolve(model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> d
             family.fail(key, 'must be a positive integer')
     m['num_kv_heads'] = m['num_kv_heads'] or m['num_heads']
     m['encoder_layers'] = m['encoder_layers'] or m['num_layers']
+    if m['scan_layers'] is None:
+        m['scan_layers'] = scan_pays(max(m['num_layers'], m['encoder_layers']))
     if m['max_len'] is None:
         m['max_len'] = max(spec.input_len, spec.target_len)
     if m['d_model'] % m['num_heads']:
