@@ -19,10 +19,10 @@ from flaxformer_lite.spec import TaskSpec
 DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
 # model.scan_layers unset: the layer scan from this depth on, on accelerators, where an
 # unrolled stack's compile time grows with every layer (not measured here: no GPU). Never
-# on CPU: there a scanned train step measured 1.8x an unrolled one at 2 and 8 layers and
-# 1.5x at 24 (width 256, T=128, batch 4: 66 / 37 ms, 356 / 194 ms, 1,212 / 811 ms), while
-# the scan saves 15 s of compile at 24 layers (6 against 21 s), repaid only by runs under
-# about 40 steps (experiments/README.md, Performance).
+# on CPU: there a scanned train step measured 2.2x an unrolled one at 2 layers and 1.2x at
+# 24 (benchmark.py's depth rows, width 256, T=128, batch 4: 85.8 / 38.7 ms, 585 / 484 ms),
+# while the scan saves 15.6 s of compile at 24 layers (5.0 against 20.6 s): repaid only by
+# runs under about 150 steps (experiments/README.md, Performance).
 SCAN_MIN_LAYERS = 16
 
 
