@@ -34,7 +34,7 @@ def matched_transformer_params(model: Mapping[str, Any], size: Mapping[str, Any]
          'num_layers': None, 'd_model': None, 'num_heads': None, 'd_ff': None}
     t.update({k: v for k, v in model.items() if k in t})  # the knobs that shape the count
     t.update(arch='auto', max_len=None, pos_encoding=None, attention_impl='einsum', attention_dropout=0.0,
-             attention_block_size=128, pooling='mean')
+             attention_block_size=128, pooling='mean', scan_layers=False)
     resolved = transformer_family.resolve(t, size, spec)
     return transformer_family.count_params(resolved, spec)['non_embedding']
 
