@@ -137,7 +137,7 @@ class Ours:
         step = jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding, rep),
                        out_shardings=(setup.state_shardings, rep, rep), donate_argnums=(0,))
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-            self.state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+            self.state = setup.init_state()
             self.health = jax.jit(step_lib.initial_health, out_shardings=rep)()
             self.batch = jax.device_put(batch_of(exp), setup.batch_sharding)
             start = time.perf_counter()

@@ -77,7 +77,7 @@ def _start(cfg):
     exp = experiment.resolve(cfg)
     setup = build(exp)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-        fresh = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)().params
+        fresh = setup.init_state().params  # as the trainer starts it
         plan = transfer.plan(exp.config, setup.abstract_state.params, exp.model_cfg)
         loaded = transfer.load(plan, fresh)
     as_np = lambda tree: {k: np.asarray(v) for k, v in transfer.flat_paths(jax.device_get(tree)).items()}  # noqa: E731
