@@ -22,7 +22,8 @@ Transformer of its size.
 Arg: `quick` (micro and tiny models, lengths 16 and 64, 2 seeds: a 2-core CPU) or `full` (tiny
 to small, lengths 16-1024, 3 seeds: accelerators); `task=copy|mqar|agreement`; `tune`
 sweeps every family's learning rate at the smallest size instead (how LEARNING_RATES
-below were chosen). The report: accuracy against dependency length, one line per family
+below were chosen); `first_seed=N` runs seeds N, N+1, ... instead of 0, 1, ... (a rerun
+with other seeds). The report: accuracy against dependency length, one line per family
 and size, mean over seeds with min-max bars, chance dashed.
 """
 
@@ -67,8 +68,8 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def _options(arg):
-    mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)))
-    return mode, o['task'], tune
+    mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)), first_seed=(0, None))
+    return mode, o['task'], tune, int(o['first_seed'])
 
 
 def _length(task, length):
@@ -80,7 +81,7 @@ def _length(task, length):
 
 
 def get_config(arg=None):
-    mode, task, _ = _options(arg)
+    mode, task, _, _ = _options(arg)
     m = MODES[mode]
     return make_config(None, task=task, defaults={
         **TASKS[task], **_length(task, m['lengths'][0]),
@@ -95,7 +96,7 @@ def _rate(task, family):
 
 
 def get_sweep(arg=None):
-    mode, task, tune = _options(arg)
+    mode, task, tune, first_seed = _options(arg)
     m = MODES[mode]
     if tune:
         return sweep.product({'model.name': list(m['families'] + m['modern']), 'optim.learning_rate': list(TUNE_GRID)},
@@ -104,12 +105,12 @@ def get_sweep(arg=None):
     def grid(sizes, names):
         families = sweep.zip({'model.name': list(names), 'optim.learning_rate': [_rate(task, f) for f in names]})
         return sweep.product({'model.size': list(sizes)}, families, [_length(task, n) for n in m['lengths']],
-                             sweep.seeds(m['seeds']))
+                             sweep.seeds(m['seeds'], start=first_seed))
     return grid(m['sizes'], m['families']) + grid(m['modern_sizes'], m['modern'])
 
 
 def get_report(arg=None):
-    mode, task, tune = _options(arg)
+    mode, task, tune, _ = _options(arg)
     if tune:
         return {'title': f'long_range ({mode}, {task}): learning rate per family and size', 'metric': 'eval/accuracy',
                 'x': 'optim.learning_rate', 'group': ['model.name', 'model.size'],
