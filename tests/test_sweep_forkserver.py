@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, TINY_RECALL, TINY_TRAIN
+from conftest import ROOT, TINY_MODEL, TINY_RECALL, TINY_TRAIN, shared_jax_cache  # noqa: F401  (a fixture)
 
 from flaxformer_lite.sweep import forkserver, runner
 
@@ -37,9 +37,13 @@ def _wait(predicate, timeout=180):
 
 
 @pytest.fixture
-def server(monkeypatch):
+def server(monkeypatch, shared_jax_cache):
+    """A fork server whose children share the session's compilation cache (through jax's
+    environment variables), so the second long run reads what the first compiled."""
     monkeypatch.chdir(ROOT)
-    started = forkserver.ForkServer.start(runner.child_env())
+    env = dict(runner.child_env(), JAX_COMPILATION_CACHE_DIR=shared_jax_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    started = forkserver.ForkServer.start(env)
     assert started is not None
     yield started
     started.close()
