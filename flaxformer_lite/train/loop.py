@@ -241,6 +241,17 @@ def _take_lock(workdir: str):
     return held
 
 
+def _agreed(resume: bool) -> bool:
+    """Process 0's answer for every process, and a barrier: without it a process that
+    looked at the workdir after process 0 had started writing it (its config) could
+    decide to resume while process 0 starts afresh, and their collectives would no longer
+    pair up (seen: an Orbax barrier-name mismatch under load)."""
+    if jax.process_count() == 1:
+        return resume
+    from jax.experimental import multihost_utils
+    return bool(int(multihost_utils.broadcast_one_to_all(np.int32(resume))))
+
+
 def _already_done(workdir: str, cfg) -> dict[str, Any] | None:
     """The results of a finished run whose last checkpoint is where results.json says
     (nothing to do, nothing to write), or None."""
@@ -295,7 +306,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
     # (another process may have written it meanwhile), and from here on write files.
     held = _take_lock(workdir)
     try:
-        resume = checkpoint.check_workdir(workdir, cfg_dict, exp.derived)
+        resume = _agreed(checkpoint.check_workdir(workdir, cfg_dict, exp.derived))
         restored = _restore(exp, setup, train_it, workdir) if resume else None
     except BaseException:
         held.release(undo=True)
