@@ -27,16 +27,10 @@ import subprocess
 import sys
 from typing import Any
 
+from flaxformer_lite.cli import die_with_parent  # stdlib-only at import time, so the server stays light
+
 # Set to 0 to start each trial as a plain subprocess instead.
 ENV_SWITCH = 'FLAXFORMER_FORK_SERVER'
-
-
-def _set_death_signal(sig: int) -> None:
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _send(message: Any) -> None:
@@ -51,7 +45,7 @@ def _run_child(request: dict, server: int) -> int:
     import traceback
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _set_death_signal(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)()
     if os.getppid() != server:  # the server died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
     if request.get('cpus'):
@@ -93,7 +87,7 @@ def serve() -> None:
     """The server's main loop (`python -m flaxformer_lite.sweep.forkserver`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _set_death_signal(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)()
     # What every trial imports (the rest of its imports are small).
     import flax.linen  # noqa: F401
     import grain  # noqa: F401
@@ -172,7 +166,7 @@ class ForkServer:
         if os.environ.get(ENV_SWITCH, '1') == '0' or not hasattr(os, 'fork') or sys.platform != 'linux':
             return None
         proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lite.sweep.forkserver'], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env, preexec_fn=lambda: _set_death_signal(signal.SIGKILL))
+                                stdout=subprocess.PIPE, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
         server = cls(proc)
         if server._line() != 'ready':
             server.close()
