@@ -404,3 +404,76 @@ def test_a_field_set_by_the_x_axis_does_not_split_the_lines():
     assert _line_fields(runs, ['model.name'], ['task.dependency_length']) == ['model.name', 'task.num_pairs']
     assert _line_fields(runs, ['model.name'], []) == ['model.name', 'task.dependency_length', 'task.seq_len',
                                                      'task.num_pairs']
+
+
+# --- reproduction across sweeps -----------------------------------------------------------
+
+def test_rerun_interval_by_hand():
+    t975 = {1: 12.706205, 2: 4.302653}  # Student t quantiles, df 1 and 2
+    lo, hi = tables.rerun_interval({'mean': 0.5, 'std': 0.1, 'n': 3}, 'test/accuracy')
+    assert (lo, hi) == pytest.approx((0.5 - t975[2] * 0.1 * math.sqrt(2 / 3), 0.5 + t975[2] * 0.1 * math.sqrt(2 / 3)))
+    lo, hi = tables.rerun_interval({'mean': 0.5, 'std': 0.1, 'n': 3}, 'test/loss', m=6)
+    assert hi - 0.5 == pytest.approx(t975[2] * 0.1 * math.sqrt(1 / 3 + 1 / 6))
+    # accuracies are clipped to [0, 1]; losses are not
+    assert tables.rerun_interval({'mean': 0.95, 'std': 0.02, 'n': 2}, 'eval/seq_accuracy') == \
+        pytest.approx((0.95 - t975[1] * 0.02, 1.0))
+    assert tables.rerun_interval({'mean': 0.1, 'std': 0.2, 'n': 2}, 'test/loss')[0] < 0
+    assert tables.rerun_interval({'mean': 1.0, 'std': 0.0, 'n': 3}, 'test/accuracy') == (1.0, 1.0)
+    assert tables.rerun_interval({'mean': 0.3, 'std': 0.0, 'n': 1}, 'test/accuracy') is None
+
+
+def _seeded(sweep, family, seed, acc):
+    from flaxformer_lite.analysis.runs import Run
+    return Run(name=f'{family}{seed}', status='done', workdir='.', sweep=sweep, sweep_dir=sweep,
+               swept_fields=('model.name', 'train.seed'), config={'model.name': family, 'train.seed': seed},
+               record={'metrics': {'test/accuracy': acc}})
+
+
+def test_compare_checks_each_sweep_against_the_others_interval():
+    from flaxformer_lite.analysis import reproduce
+    runs = ([_seeded('a', 'gru', s, acc) for s, acc in enumerate((0.99, 0.98, 0.97))]
+            + [_seeded('b', 'gru', s, acc) for s, acc in zip((3, 4, 5), (0.98, 0.985, 0.99))]
+            + [_seeded('a', 'rnn', s, acc) for s, acc in enumerate((0.11, 0.11, 0.11))]  # no spread: a point
+            + [_seeded('b', 'rnn', s, acc) for s, acc in zip((3, 4, 5), (0.20, 0.21, 0.22))]
+            + [_seeded('a', 'lstm', s, acc) for s, acc in enumerate((0.1, 1.0, 1.0))]  # bimodal: wide
+            + [_seeded('b', 'lstm', s, acc) for s, acc in zip((3, 4, 5), (0.1, 0.1, 1.0))]
+            + [_seeded('a', 'mingru', 0, 0.5)])  # one sweep only: not compared
+    rows = {r['model.name']: r for r in reproduce.compare(runs, ['sweep', 'model.name'], 'test/accuracy')}
+    assert set(rows) == {'gru', 'rnn', 'lstm'}
+    gru, rnn, lstm = rows['gru'], rows['rnn'], rows['lstm']
+    assert (gru['reference'], gru['rerun'], gru['reference_n'], gru['rerun_n']) == ('a', 'b', 3, 3)
+    assert gru['rerun_inside_reference'] and gru['reference_inside_rerun']
+    assert rnn['reference_interval'] == pytest.approx((0.11, 0.11))
+    assert rnn['rerun_inside_reference'] is False and rnn['reference_inside_rerun'] is False
+    assert lstm['rerun_inside_reference'] and lstm['reference_inside_rerun']
+    assert lstm['reference_interval'][1] == 1.0  # clipped
+    md = '\n'.join(reproduce.section(list(rows.values()), ['sweep', 'model.name'], 'test/accuracy'))
+    assert "rerun's mean inside the reference's interval: 2 of 3 settings" in md
+    assert 'outside both ways: 1: rnn' in md
+    assert '| rnn | a (n=3) | 0.11 | [0.11, 0.11] | b (n=3) | 0.21 | [' in md
+    assert reproduce.section([], ['model.name'], 'test/accuracy') == []
+
+
+def test_report_over_two_seed_sweeps_states_the_rerun_interval_and_checks_it(tmp_path):
+    first, second = str(tmp_path / 'seeds012'), str(tmp_path / 'seeds345')
+    make_sweep(first, families=('lstm',), sizes=('tiny',), deps=(16, 64), seeds=(0, 1, 2))
+    trials = make_sweep(second, families=('lstm',), sizes=('tiny',), deps=(16, 64), seeds=(3, 4, 5))
+    for trial in trials:  # the rerun at length 64 falls apart: far outside the first sweep's interval
+        path = os.path.join(second, trial['dir'], 'results.json')
+        if trial['overrides']['task.dependency_length'] == 64 and os.path.exists(path):
+            record = json.load(open(path))
+            if record['status'] == 'done':
+                record['metrics']['test/accuracy'] = 0.01 * trial['overrides']['train.seed']
+                json.dump(record, open(path, 'w'))
+    out = analysis.write_report([first, second], str(tmp_path / 'report'), {'plots': [], 'fits': False})
+    report = open(out['paths']['report_md']).read()
+    assert 'test/accuracy rerun 95%' in report.split('## Reproduction')[0]
+    assert '## Reproduction across sweeps' in report
+    assert "rerun's mean inside the reference's interval: 1 of 2 settings" in report
+    rows = out['summary']['reproduction']
+    assert [(r['task.dependency_length'], r['rerun_inside_reference']) for r in rows] == [(16, True), (64, False)]
+    alone = analysis.write_report([first], str(tmp_path / 'alone'), {'plots': [], 'fits': False})
+    text = open(alone['paths']['report_md']).read()
+    assert '## Reproduction' not in text and alone['summary']['reproduction'] is None
+    assert '| lstm | tiny | 16 | 2 | ' in text and '| [' in text  # the interval column of one sweep
+    assert not out['paths']['plots'] and not alone['paths']['plots']  # plots=[]: none drawn

@@ -11,7 +11,10 @@ The folder then holds `report.md` (what was read, the seed-aggregated table, eac
 its interval and number of points, the plots, failed and pending trials), `results.csv`,
 `results.md` (one row per trial), `aggregated.csv` (mean, std, min, max, n per metric over
 seeds), `results.json` (all of it), one PNG per plot, and a TensorBoard event file with
-the plots under `report/<plot>` and report.md as text.
+the plots under `report/<plot>` and report.md as text. The table states the spread a
+rerun is held to (the task metric's prediction interval for the mean of as many other
+seeds); a report over several sweeps of the same settings (seeds 0-2, then 3-5) adds a
+section checking each against the other (`reproduce.py`).
 
 `spec` (optional; an experiment file can pass its own) chooses what the report shows:
     title        report heading (default: the sweep names)

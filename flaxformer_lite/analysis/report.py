@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from flaxformer_lite.analysis import plots, plots_metrics, scaling, tables
+from flaxformer_lite.analysis import plots, plots_metrics, reproduce, scaling, tables
 from flaxformer_lite.analysis.runs import Run, count_by_status, hashable, load_runs
 from flaxformer_lite.errors import UserError
 
@@ -152,6 +152,10 @@ def _plots_section(written: Mapping[str, str], skipped: Mapping[str, str], spec:
     return lines
 
 
+def several_sweeps(runs: Sequence[Run]) -> bool:
+    return len({r.sweep for r in runs if r.sweep}) > 1
+
+
 def choose(runs: Sequence[Run], field: str, metric: str, group: Sequence[str], tie: str | None = None
            ) -> list[dict[str, Any]]:
     """For each group (e.g. family and size), the value of `field` (e.g. the learning
@@ -234,7 +238,7 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     colors = plots.family_colors(r.family for r in runs)
     builders = _plot_builders(spec, runs, fits, colors, fits_skip)
     images, written, skipped = {}, {}, {}
-    for name in spec['plots'] or list(PLOT_TITLES):
+    for name in list(PLOT_TITLES) if spec['plots'] is None else spec['plots']:
         try:
             fig = builders[name]()
         except plots.Skip as e:
@@ -254,10 +258,17 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     if spec['table_metrics']:  # the spec names the summary table's columns (per-length ones, say)
         metrics = list(spec['table_metrics'])
     md = [f'# {title}', ''] + _read_section(paths, runs, spec)
+    level = float(spec['level'])
+    interval = spec['metric'] if spec['metric'] in metrics else None
     md += ['## Results', '', f'Mean ± std over seeds; `runs` is the number of finished runs in each row. '
-           f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '
+           + (f'`{tables.interval_column(interval, level)}`: where the mean of a rerun with as many other '
+              f'seeds should fall (Student-t prediction interval, mean ± t(n-1) · std · sqrt(2/n); none for '
+              f'one run). ' if interval else '')
+           + f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '
            f'[aggregated.csv](aggregated.csv), [results.json](results.json).', '']
-    md += [tables.groups_markdown(groups, by, metrics) if groups else 'No finished runs yet.\n']
+    md += [tables.groups_markdown(groups, by, metrics, interval, level) if groups else 'No finished runs yet.\n']
+    reproduction = reproduce.compare(runs, by, spec['metric'], level) if several_sweeps(runs) else []
+    md += reproduce.section(reproduction, by, spec['metric'], level)
     chosen_md, chosen = _choose_section(runs, spec)
     md += chosen_md + _fits_section(fits, fits_skip, spec) + _plots_section(written, skipped, spec)
     md += _problems_section(runs)
@@ -268,7 +279,7 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     summary = dict(
         runs=count_by_status(runs), loss_metric=spec['loss_metric'], metric=spec['metric'],
         fits=[s.to_dict() for s in fits or []], fits_skipped=fits_skip or None, plots=dict(written),
-        skipped=skipped, chosen=chosen or None, failed=[r.name for r in runs if r.status == 'failed'],
+        skipped=skipped, chosen=chosen or None, reproduction=reproduction or None, failed=[r.name for r in runs if r.status == 'failed'],
         pending=[r.name for r in runs if r.status in ('pending', 'running')])
     with open(out['results.json'], 'w', encoding='utf-8') as f:
         json.dump(_clean(dict(report='flaxformer_lite.analysis', spec=spec, trials=rows,

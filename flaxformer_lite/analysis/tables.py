@@ -96,6 +96,31 @@ def summarize(values: Iterable[float]) -> dict[str, float] | None:
                 min=float(x.min()), max=float(x.max()), n=int(len(x)))
 
 
+def bounds(metric: str) -> tuple[float, float]:
+    """The range a metric can take: [0, 1] for accuracies and exact match, else unbounded."""
+    leaf = metric.rsplit('/', 1)[-1]
+    return (0.0, 1.0) if 'accuracy' in leaf or 'exact_match' in leaf else (-math.inf, math.inf)
+
+
+def rerun_interval(stats: Mapping[str, float] | None, metric: str, m: int | None = None,
+                   level: float = 95.0) -> tuple[float, float] | None:
+    """Where the mean of a rerun with `m` other seeds (default: as many as these) should
+    fall, at `level`%: the Student-t prediction interval mean ± t(n-1) · s · sqrt(1/n + 1/m),
+    clipped to the metric's range. None below two seeds (no spread to go by). It is the
+    spread a rerun is held to: wide where seeds disagree, a point where they all agree."""
+    if not stats or stats['n'] < 2:
+        return None
+    from scipy import stats as scipy_stats  # scipy is heavy: imported when a report is written
+    n, m = int(stats['n']), int(m or stats['n'])
+    half = float(scipy_stats.t.ppf(0.5 + level / 200.0, n - 1)) * stats['std'] * math.sqrt(1.0 / n + 1.0 / m)
+    lo, hi = bounds(metric)
+    return max(lo, stats['mean'] - half), min(hi, stats['mean'] + half)
+
+
+def fmt_interval(interval: tuple[float, float] | None) -> str:
+    return '' if interval is None else f'[{fmt(interval[0])}, {fmt(interval[1])}]'
+
+
 def group_runs(runs: Sequence[Run], by: Sequence[str]) -> dict[tuple, list[Run]]:
     """Runs keyed by their values of `by`, in first-seen order."""
     groups: dict[tuple, list[Run]] = {}
@@ -196,14 +221,26 @@ def trials_markdown(runs: Sequence[Run]) -> str:
     return markdown_table(columns, rows)
 
 
-def groups_markdown(groups: Sequence[Group], by: Sequence[str], metrics: Sequence[str]) -> str:
-    """The seed-aggregated table: mean ± std per metric, and how many runs each row holds."""
-    columns = list(by) + ['runs'] + list(metrics) + ['params_non_embedding', 'train_flops']
+def interval_column(metric: str, level: float = 95.0) -> str:
+    return f'{metric} rerun {level:g}%'
+
+
+def groups_markdown(groups: Sequence[Group], by: Sequence[str], metrics: Sequence[str],
+                    interval: str | None = None, level: float = 95.0) -> str:
+    """The seed-aggregated table: mean ± std per metric, and how many runs each row holds;
+    with `interval` (a metric), a column of that metric's `rerun_interval` after it."""
+    metrics = list(metrics)
+    columns = list(by) + ['runs'] + metrics + ['params_non_embedding', 'train_flops']
+    if interval:
+        columns.insert(columns.index(interval) + 1 if interval in columns else len(by) + 1,
+                       interval_column(interval, level))
     rows = []
     for g in groups:
         n = len(g.runs)
         rows.append([fmt(g.values[f], f) for f in by] + [str(n)]
-                    + [fmt_stats(g.stats.get(k), k, n) for k in columns[len(by) + 1:]])
+                    + [fmt_interval(rerun_interval(g.stats.get(interval), interval, level=level))
+                       if interval and k == interval_column(interval, level) else fmt_stats(g.stats.get(k), k, n)
+                       for k in columns[len(by) + 1:]])
     return markdown_table(columns, rows)
 
 
