@@ -1,7 +1,8 @@
 """The sweep runner's fork server and scheduling: a child runs `launch.py`'s arguments as a fresh
 process would (its exit status, its output in the log, the CPUs it was given), a
 signalled child stops as a trial process does (SIGTERM: checkpoint, then 143), the
-server's death stops its children, FLAXFORMER_FORK_SERVER=0 turns it off; a trial
+server's death stops its children, FLAXFORMER_FORK_SERVER=0 turns it off (each trial then
+a subprocess the runner gives the log to; with the server, only the child opens it); a trial
 that differs from a running one only in its seed waits while others can start."""
 
 import os
@@ -90,6 +91,50 @@ def test_the_servers_death_stops_its_children(server, tmp_path):
 def test_the_switch_turns_the_server_off(monkeypatch):
     monkeypatch.setenv(forkserver.ENV_SWITCH, '0')
     assert forkserver.ForkServer.start(runner.child_env()) is None
+
+
+def _one_trial_sweep(tmp_path, trial):
+    from flaxformer_lite.sweep import plan
+    config = tmp_path / 'one_trial.py'
+    config.write_text(f'''
+from flaxformer_lite.config import make_config
+
+def get_config(arg=None):
+    return make_config(None, task='recall', defaults={{**{TINY_RECALL!r}, **{TINY_MODEL!r}}})
+
+def get_sweep(arg=None):
+    return [{trial!r}]
+''')
+    sweep = plan.load(str(config), {}, str(tmp_path / 'sweep'))
+    sweep.record()
+    return sweep, sweep.trials[0]
+
+
+def test_without_the_server_a_trial_runs_as_a_subprocess_with_its_output_in_the_log(monkeypatch, tmp_path):
+    monkeypatch.setenv(forkserver.ENV_SWITCH, '0')
+    sweep, trial = _one_trial_sweep(tmp_path, {'model.num_heads': 3})  # 32 is not divisible by 3: stops at once
+    assert runner.run_local(sweep, parallel=1) == 1
+    status = runner.read_status(sweep, trial)
+    assert status['status'] == 'failed' and status['exit_code'] == 2, status
+    assert 'not divisible by model.num_heads=3' in open(runner.log_path(sweep, trial)).read()
+
+
+def test_with_the_server_the_runner_leaves_the_log_to_it(monkeypatch, tmp_path):
+    class Done:  # a forked child that has already exited
+        def poll(self):
+            return 0
+
+    class Server:
+        def spawn(self, argv, log, cpus):
+            return Done()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runner.ForkServer, 'start', classmethod(lambda cls, env: Server()))
+    sweep, trial = _one_trial_sweep(tmp_path, {'model.num_heads': 4})
+    assert runner.run_local(sweep, parallel=1) == 0
+    assert not os.path.exists(runner.log_path(sweep, trial))  # only the server's child writes it
 
 
 def test_a_seed_twin_waits_while_other_trials_can_start():

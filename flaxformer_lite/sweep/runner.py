@@ -33,7 +33,7 @@ import traceback
 from typing import Any
 
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.sweep.forkserver import ForkServer
+from flaxformer_lite.sweep.forkserver import ForkServer, Forked
 from flaxformer_lite.sweep.plan import CACHE_DIR, LOG_DIR, Sweep, TrialSpec
 
 # The metric shown for each trial in progress lines and the final table (first present).
@@ -213,7 +213,7 @@ def run_local(sweep: Sweep, parallel: int) -> int:
           file=sys.stderr, flush=True)
     groups = _core_groups(parallel)
     free = list(range(parallel))
-    running: dict[int, tuple[subprocess.Popen, TrialSpec, float, Any]] = {}
+    running: dict[int, tuple[subprocess.Popen | Forked, TrialSpec, float]] = {}
     failed, finished, durations = [], total - len(todo), []
     stop = {'signal': None}
 
@@ -254,18 +254,17 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                     continue
                 slot = free.pop(0)
                 os.makedirs(os.path.join(sweep.workdir, LOG_DIR), exist_ok=True)
-                log = open(log_path(sweep, trial), 'a')
                 proc = server and server.spawn(trial_argv(sweep, trial.index), log_path(sweep, trial), groups[slot])
-                if proc is None:
-                    proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                                            preexec_fn=preexec(groups[slot]))
-                running[slot] = (proc, trial, time.time(), log)
+                if proc is None:  # no fork server: a plain subprocess, its output appended to the log
+                    with open(log_path(sweep, trial), 'a') as log:  # the child keeps its own copy of the file
+                        proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT,
+                                                env=child_env(), preexec_fn=preexec(groups[slot]))
+                running[slot] = (proc, trial, time.time())
             time.sleep(0.2)
-            for slot, (proc, trial, start, log) in list(running.items()):
+            for slot, (proc, trial, start) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
-                log.close()
                 del running[slot]
                 free.append(slot)
                 if code != 0 and lock_lib.holder(sweep.trial_workdir(trial)) is not None:
