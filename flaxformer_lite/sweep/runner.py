@@ -149,8 +149,8 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
 
 def trial_argv(sweep: Sweep, trial_index: int | str) -> list[str]:
     """The arguments of `launch.py` that run one trial."""
-    return [f'--config={sweep.config}', '--sweep', f'--trial={trial_index}', f'--workdir={os.path.abspath(sweep.workdir)}',
-            *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
+    return [f'--config={sweep.config}', '--sweep', f'--trial={trial_index}',
+            f'--workdir={os.path.abspath(sweep.workdir)}', *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
 
 
 def trial_command(sweep: Sweep, trial_index: int | str) -> list[str]:
@@ -184,7 +184,9 @@ def _shown(record: dict[str, Any]) -> str:
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+    if seconds >= 3600:
+        return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+    return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def _shapes(trial: TrialSpec) -> tuple:
@@ -272,8 +274,9 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                     continue
                 record = read_status(sweep, trial)
                 if code != 0 and record.get('status') not in ('failed', 'interrupted'):
-                    write_status(sweep, trial, status='failed', exit_code=code, error=_last_line(log_path(sweep, trial)),
-                                 wall_s=time.time() - start)  # killed before it could say so itself
+                    # killed before it could say so itself
+                    write_status(sweep, trial, status='failed', exit_code=code,
+                                 error=_last_line(log_path(sweep, trial)), wall_s=time.time() - start)
                     record = read_status(sweep, trial)
                 durations.append(time.time() - start)
                 if code == 0:

@@ -296,7 +296,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
         return {**done.get('metrics', {}), 'status': 'done', 'step': done['step']}
     setup = build(exp)
     # train.init_from matters only for a first start (a started run has its weights in its checkpoints).
-    started_before = resume and checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+    started_before = resume and checkpoint._steps_on_disk(  # noqa: SLF001
+        os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
     init_plan = None if started_before else transfer.plan(cfg, setup.abstract_state.params, exp.model_cfg)
     evaluator = Evaluator(exp, setup)
     train_it = data.train_iterator(exp.task, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
