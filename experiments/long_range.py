@@ -19,12 +19,15 @@ Families: transformer, lstm, gru and rnn, and the fixed-state linear_attention a
 (quick: at the smallest size only; full adds mamba), each parameter-matched to the
 Transformer of its size.
 
-Arg: `quick` (micro and tiny models, lengths 16 and 64, 2 seeds: a 2-core CPU) or `full` (tiny
+Arg: `quick` (micro and tiny models, lengths 16 and 64, 3 seeds: a 2-core CPU) or `full` (tiny
 to small, lengths 16-1024, 3 seeds: accelerators); `task=copy|mqar|agreement`; `tune`
 sweeps every family's learning rate at the smallest size instead (how LEARNING_RATES
 below were chosen); `first_seed=N` runs seeds N, N+1, ... instead of 0, 1, ... (a rerun
-with other seeds). The report: accuracy against dependency length, one line per family
-and size, mean over seeds with min-max bars, chance dashed.
+with other seeds); `seeds=K` runs K seeds instead of the form's number (`seeds=2` is the
+quick form as it was before it had 3). The report: accuracy against dependency length,
+one line per family and size, mean over seeds with min-max bars, chance dashed; the table
+gives each row's interval for a rerun's mean. Rerun with `first_seed=3` and report both sweeps together
+(`--report --workdir=runs/long_range,runs/long_range_seeds345`) to check it.
 """
 
 from flaxformer_lite import sweep
@@ -38,7 +41,7 @@ CLASSIC = ('transformer', 'lstm', 'gru', 'rnn')
 # 14 min); Mamba only in full (its [batch, length, channels, state] scan costs 400 s a
 # trial at tiny, length 64, against 68 s for the Transformer).
 MODES = {
-    'quick': dict(sizes=('micro', 'tiny'), lengths=(16, 64), seeds=2, steps=800, batch=32,
+    'quick': dict(sizes=('micro', 'tiny'), lengths=(16, 64), seeds=3, steps=800, batch=32,
                   families=CLASSIC, modern=('linear_attention', 'mingru'), modern_sizes=('micro',)),
     'full': dict(sizes=('tiny', 'mini', 'small'), lengths=(16, 64, 256, 1024), seeds=3, steps=20000, batch=64,
                  families=CLASSIC, modern=('linear_attention', 'mingru', 'mamba'), modern_sizes=('tiny', 'mini', 'small')),
@@ -68,8 +71,13 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def _options(arg):
-    mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)), first_seed=(0, None))
-    return mode, o['task'], tune, int(o['first_seed'])
+    mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)), first_seed=(0, None), seeds=(None, None))
+    seeds = o['seeds']
+    if seeds is not None:
+        if not str(seeds).isdigit() or int(seeds) < 1:
+            raise ValueError(f'seeds={seeds}: give a positive whole number of seeds')
+        seeds = int(seeds)
+    return mode, o['task'], tune, int(o['first_seed']), seeds
 
 
 def _length(task, length):
@@ -81,7 +89,7 @@ def _length(task, length):
 
 
 def get_config(arg=None):
-    mode, task, _, _ = _options(arg)
+    mode, task, _, _, _ = _options(arg)
     m = MODES[mode]
     return make_config(None, task=task, defaults={
         **TASKS[task], **_length(task, m['lengths'][0]),
@@ -96,7 +104,7 @@ def _rate(task, family):
 
 
 def get_sweep(arg=None):
-    mode, task, tune, first_seed = _options(arg)
+    mode, task, tune, first_seed, seeds = _options(arg)
     m = MODES[mode]
     if tune:
         return sweep.product({'model.name': list(m['families'] + m['modern']), 'optim.learning_rate': list(TUNE_GRID)},
@@ -105,12 +113,12 @@ def get_sweep(arg=None):
     def grid(sizes, names):
         families = sweep.zip({'model.name': list(names), 'optim.learning_rate': [_rate(task, f) for f in names]})
         return sweep.product({'model.size': list(sizes)}, families, [_length(task, n) for n in m['lengths']],
-                             sweep.seeds(m['seeds'], start=first_seed))
+                             sweep.seeds(seeds or m['seeds'], start=first_seed))
     return grid(m['sizes'], m['families']) + grid(m['modern_sizes'], m['modern'])
 
 
 def get_report(arg=None):
-    mode, task, tune, _ = _options(arg)
+    mode, task, tune, _, _ = _options(arg)
     if tune:
         return {'title': f'long_range ({mode}, {task}): learning rate per family and size', 'metric': 'eval/accuracy',
                 'x': 'optim.learning_rate', 'group': ['model.name', 'model.size'],

@@ -42,3 +42,16 @@ def test_every_trial_of_every_form_resolves(path, form, tmp_path):
             cfg = sweep.trial_config(trial)
             rates.setdefault((cfg.task.name, cfg.model.name), set()).add(cfg.optim.learning_rate)
         assert all(len(r) == 1 for r in rates.values()), rates
+
+
+def test_long_range_reruns_with_other_seeds_and_counts():
+    module = plan.config_lib._module('experiments/long_range.py')  # noqa: SLF001
+    seeds = lambda arg: sorted({t['train.seed'] for t in module.get_sweep(arg)})  # noqa: E731
+    assert seeds('quick') == [0, 1, 2] and seeds('quick,first_seed=3') == [3, 4, 5]
+    assert seeds('quick,seeds=2') == [0, 1] and seeds('quick,task=mqar,seeds=4,first_seed=2') == [2, 3, 4, 5]
+    settings = lambda arg: {tuple(sorted((k, v) for k, v in t.items() if k != 'train.seed'))  # noqa: E731
+                            for t in module.get_sweep(arg)}
+    assert settings('quick') == settings('quick,first_seed=3')  # the same grid, other seeds
+    for bad in ('quick,seeds=0', 'quick,seeds=two'):
+        with pytest.raises(ValueError, match='seeds='):
+            module.get_sweep(bad)
