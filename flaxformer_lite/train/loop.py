@@ -1,7 +1,8 @@
 """The one training loop: every model family and task runs through `train_and_evaluate`.
 
 Order of work: check the workdir and build everything that can fail (mesh, shardings,
-data) before writing a byte; take the workdir's lock (flaxformer_lite/lock.py);
+data) before writing a byte; take the workdir's lock (flaxformer_lite/lock.py; guards.py
+has what every process decides alike: the lock, resuming, stopping, a NaN/Inf step);
 initialise shape-first (`eval_shape` -> logical specs -> mesh shardings -> `jit(init,
 out_shardings)`), or restore the latest good checkpoint (a damaged newest one is
 reported and skipped); then loop without waiting for the device except at logging,
@@ -14,7 +15,7 @@ checkpoint and ends bit-identical to an uninterrupted run: every checkpoint hold
 data iterator and the metadata results.json sums; events are flushed before each
 checkpoint, and each start writes a TensorBoard SessionLog START at the step it takes
 over from, so the event history shows each step once. A NaN/Inf loss or gradient stops
-the run (NonFiniteError, exit status 3) before any bad state is saved, or is skipped
+the run (guards.NonFiniteError, exit status 3) before any bad state is saved, or is skipped
 with `train.skip_nonfinite` (counted in `train/skipped_updates`); a full or read-only
 disk ends it with StorageError (exit status 4), the checkpoints before it intact.
 """
@@ -37,52 +38,12 @@ from flaxformer_lite import config as config_lib
 from flaxformer_lite import lock as lock_lib
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.experiment import Experiment
-from flaxformer_lite.train import checkpoint, evaluate, results as results_lib, step as step_lib, transfer
+from flaxformer_lite.train import checkpoint, evaluate, guards, results as results_lib, step as step_lib, transfer
 from flaxformer_lite.train.evaluate import Evaluator
 from flaxformer_lite.train.setup import Setup, build  # noqa: F401  (build: also loop.build for callers)
 from flaxformer_lite.train.state import TrainState
 
 INTERRUPTED = 'interrupted'
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to save and stop at the next step boundary."""
-
-    def __init__(self):
-        self.signal = None
-        self._at = 0.0
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        # A second signal stops now; the same one again within a second is one request
-        # delivered twice (a scheduler signals every process of a job, a supervisor too).
-        if self.signal is not None and not (signum == self.signal and time.time() - self._at < 1.0):
-            raise KeyboardInterrupt
-        if self.signal is None:
-            self.signal, self._at = signum, time.time()
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def requested(self, step: int, every: int) -> bool:
-        """Whether to stop after `step`. One process checks every step; several agree on
-        it every `every` steps (a collective), since all of them must save together."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
 
 
 @dataclasses.dataclass
@@ -210,48 +171,6 @@ class _Run:
         return record
 
 
-class NonFiniteError(Exception):
-    """A NaN or Inf loss or gradient (train.skip_nonfinite=False). Exit status 3; the last
-    checkpoint (written before the bad step) is intact: no bad state is ever saved."""
-    exit_status = 3
-
-
-class _NoLock:
-    """What processes other than 0 hold: process 0 holds the workdir's lock for all."""
-    lost = None
-
-    def release(self, *, undo: bool = False) -> None:
-        del undo
-
-
-def _take_lock(workdir: str):
-    """Process 0 takes the workdir's lock; every process learns whether it could."""
-    if jax.process_count() == 1:
-        return lock_lib.acquire(workdir)
-    from jax.experimental import multihost_utils
-    held, error = _NoLock(), None
-    if jax.process_index() == 0:
-        try:
-            held = lock_lib.acquire(workdir)
-        except UserError as e:
-            error = e
-    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
-        raise error or UserError(f'--workdir={workdir} is in use by another run (process 0 could not take its '
-                                 f'lock; see its output); wait for it to finish or choose another --workdir')
-    return held
-
-
-def _agreed(resume: bool) -> bool:
-    """Process 0's answer for every process, and a barrier: without it a process that
-    looked at the workdir after process 0 had started writing it (its config) could
-    decide to resume while process 0 starts afresh, and their collectives would no longer
-    pair up (seen: an Orbax barrier-name mismatch under load)."""
-    if jax.process_count() == 1:
-        return resume
-    from jax.experimental import multihost_utils
-    return bool(int(multihost_utils.broadcast_one_to_all(np.int32(resume))))
-
-
 def _already_done(workdir: str, cfg) -> dict[str, Any] | None:
     """The results of a finished run whose last checkpoint is where results.json says
     (nothing to do, nothing to write), or None."""
@@ -305,9 +224,9 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
                                    process_index=jax.process_index(), process_count=jax.process_count())
     # Everything that can fail on a user's input has run. Take the workdir, look again
     # (another process may have written it meanwhile), and from here on write files.
-    held = _take_lock(workdir)
+    held = guards.take_lock(workdir)
     try:
-        resume = _agreed(checkpoint.check_workdir(workdir, cfg_dict, exp.derived))
+        resume = guards.agreed(checkpoint.check_workdir(workdir, cfg_dict, exp.derived))
         restored = _restore(exp, setup, train_it, workdir) if resume else None
     except BaseException:
         held.release(undo=True)
@@ -403,34 +322,6 @@ def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdi
                     raise
 
 
-def _bad_value(values: list[float]) -> str:
-    bad = [v for v in values if not np.isfinite(v)]
-    return ('NaN' if np.isnan(bad[0]) else 'Inf' if bad[0] > 0 else '-Inf') if bad else 'not finite'
-
-
-def _check_health(run: '_Run', health: dict, ckpt: checkpoint.Checkpointer,
-                  pending: list[tuple[int, dict]] | None = None) -> None:
-    """Raise NonFiniteError if a step since the start went NaN/Inf (`health` fetched)."""
-    run.skipped = int(health['skipped'])
-    first = int(health['first_bad'])
-    if first < 0:
-        return
-    what = int(health['bad_what'])
-    values = {k: [float(m[k]) for s, m in (pending or []) if s == first] for k in ('objective', 'grad_norm')}
-    if what & step_lib.LOSS_BAD:
-        name = f"train/loss is {_bad_value(values['objective'])}"
-        if what & step_lib.GRADS_BAD:
-            name += ' (and so are the gradients)'
-    else:
-        name = f"the gradients are {_bad_value(values['grad_norm'])} (train/grad_norm)"
-    ckpt.wait()
-    last = ckpt.latest_step()
-    kept = f'the last checkpoint, step {last}, is intact' if last is not None else 'no checkpoint was written'
-    raise NonFiniteError(f'{name} at step {first}; the run stopped without saving a bad state ({kept}); lower '
-                         f'optim.learning_rate or raise optim.warmup_steps in a new --workdir, or run the same command '
-                         f'with --config.train.skip_nonfinite=True to skip such updates')
-
-
 def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.Checkpointer,
           counts: dict[str, float], held) -> dict[str, Any]:
     exp, setup, progress, writer, timer = run.exp, run.setup, run.progress, run.writer, run.timer
@@ -462,7 +353,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
 
     def save(step: int) -> None:
         timer.stop(state)
-        _check_health(run, jax.device_get(health), ckpt)  # a bad state never becomes a checkpoint
+        run.skipped = guards.check_health(jax.device_get(health), ckpt)  # a bad state never becomes a checkpoint
         if held.lost is not None:
             raise UserError(f'--workdir={run.workdir}: its lock was taken over by {lock_lib.describe(held.lost)} '
                             f'(this process looked dead to it); stopping without saving so that two runs do not mix')
@@ -470,7 +361,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
         ckpt.save(step, state, train_it, cfg.to_dict(), run.meta())
         timer.start()
 
-    with _StopFlag() as stop:
+    with guards.StopFlag() as stop:
         for step in range(start + 1, steps + 1):
             batch = data.to_global(next(train_it), setup.batch_sharding)
             timer.count()
@@ -485,7 +376,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
             if (step % cfg.train.log_every == 0 or is_last) and pending:
                 timer.stop(metrics)
                 fetched, now = jax.device_get(([m for _, m in pending], health))
-                _check_health(run, now, ckpt, [(s, m) for (s, _), m in zip(pending, fetched)])
+                run.skipped = guards.check_health(now, ckpt, [(s, m) for (s, _), m in zip(pending, fetched)])
                 scalars = _train_summary(fetched, kind)
                 if cfg.train.skip_nonfinite:
                     scalars['train/skipped_updates'] = float(run.skipped)
