@@ -60,7 +60,7 @@ def main(outdir: str, model: str) -> dict:
         exp = experiment.resolve(tiny_config(model=model, **wider, **MESHES[name]))
         setup = loop.build(exp)
         with jax.set_mesh(setup.mesh):
-            state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+            state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(setup.rng)
         out[f'bytes_{name}'] = parallel.per_device_bytes(state.params)
     return out
 
@@ -81,7 +81,7 @@ def _gradients(model: str, layout: dict, fused: tuple) -> list:
     batch = next(data.train_iterator(exp.task, batch_size=exp.config.train.batch_size, seed=0))
     out = []
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-        params = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)().params
+        params = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(setup.rng).params
         batch = data.to_global(batch, setup.batch_sharding)
         for f in fused:
             net = setup.model if f is None else setup.model.clone(cfg=dataclasses.replace(setup.model.cfg, fused=f))

@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from flaxformer_lite import experiment
@@ -138,3 +139,15 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f'resumed from step {saved}' in done.stderr
     assert max(read_scalars(str(workdir))['train/loss']) == int(saved) + 3
+
+
+@pytest.mark.parametrize('model', ['transformer', 'lstm'])
+def test_seeds_share_one_compiled_init_and_draw_different_weights(model):
+    """The seed's key is an argument of the jitted init, not a constant in it: trials that
+    differ only in train.seed compile one program (a sweep's cache hit), yet start apart."""
+    from flaxformer_lite.train import setup as setup_lib
+    setups = [setup_lib.build(experiment.resolve(tiny_config(model=model, train__seed=s))) for s in (0, 1)]
+    programs = [jax.jit(s.init_fn).lower(s.rng).as_text() for s in setups]
+    assert programs[0] == programs[1]
+    first, second = (jax.tree.leaves(s.init_state().params) for s in setups)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second))
