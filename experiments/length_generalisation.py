@@ -42,12 +42,12 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 def _options(arg):
     # task=: a sweep's trials set task.name; get_config then gets task=
     mode, tune, o = experiment_options(arg, task=('parity', tuple(TASKS)))
-    return mode, tune, o['task']
+    return mode, tune, o
 
 
 def get_config(arg=None):
-    mode, _, task = _options(arg)
-    m = MODES[mode]
+    mode, _, o = _options(arg)
+    task, m = o['task'], MODES[mode]
     return make_config(None, task=task, defaults={
         **TASKS[task], 'model.size': m['size'], 'eval.dependency_lengths': m['eval_lengths'],
         'train.steps': m['steps'], 'train.batch_size': m['batch'], 'optim.warmup_steps': m['steps'] // 20,
@@ -56,7 +56,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    mode, tune, _ = _options(arg)
+    mode, tune, o = _options(arg)
     m = MODES[mode]
     if tune:
         return sweep.product({'task.name': list(TASKS), 'model.name': list(FAMILIES),
@@ -65,7 +65,7 @@ def get_sweep(arg=None):
     for task in TASKS:
         families = sweep.zip({'model.name': list(FAMILIES),
                               'optim.learning_rate': [LEARNING_RATES[task][f] for f in FAMILIES]})
-        trials += sweep.product({'task.name': task}, families, sweep.seeds(m['seeds']))
+        trials += sweep.product({'task.name': task}, families, sweep.seeds(o['seeds'] or m['seeds'], start=o['first_seed']))
     return trials
 
 

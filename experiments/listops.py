@@ -39,12 +39,12 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2)
 
 def _options(arg):
     mode, tune, o = experiment_options(arg, files=(None, None))
-    return mode, tune, o['files']
+    return mode, tune, o
 
 
 def get_config(arg=None):
-    mode, _, files = _options(arg)
-    m = MODES[mode]
+    mode, _, o = _options(arg)
+    files, m = o['files'], MODES[mode]
     fields = {**m['task'], **m['model'], 'train.steps': m['steps'], 'train.batch_size': m['batch'],
               'optim.warmup_steps': m['steps'] // 20, 'train.log_every': 50, 'eval.every_steps': m['steps'] // 3,
               'checkpoint.every_steps': m['steps'] // 3, 'eval.num_examples': 512 if mode == 'quick' else 2000}
@@ -54,11 +54,11 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    mode, tune, _ = _options(arg)
+    mode, tune, o = _options(arg)
     if tune:
         return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)})
     families = sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [LEARNING_RATES[f] for f in FAMILIES]})
-    return sweep.product(families, sweep.seeds(MODES[mode]['seeds']))
+    return sweep.product(families, sweep.seeds(o['seeds'] or MODES[mode]['seeds'], start=o['first_seed']))
 
 
 def get_report(arg=None):

@@ -71,13 +71,8 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def _options(arg):
-    mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)), first_seed=(0, None), seeds=(None, None))
-    seeds = o['seeds']
-    if seeds is not None:
-        if not str(seeds).isdigit() or int(seeds) < 1:
-            raise ValueError(f'seeds={seeds}: give a positive whole number of seeds')
-        seeds = int(seeds)
-    return mode, o['task'], tune, int(o['first_seed']), seeds
+    mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)))
+    return mode, o['task'], tune, o['first_seed'], o['seeds']
 
 
 def _length(task, length):

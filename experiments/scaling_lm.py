@@ -44,12 +44,12 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 def _options(arg):
     mode, tune, o = experiment_options(arg, files=(None, None))
-    return mode, tune, o['files']
+    return mode, tune, o
 
 
 def get_config(arg=None):
-    mode, _, files = _options(arg)
-    m = MODES[mode]
+    mode, _, o = _options(arg)
+    files, m = o['files'], MODES[mode]
     steps = round(m['tokens'] / (m['batch'] * m['seq_len']))
     fields = {'task.seq_len': m['seq_len'], 'train.batch_size': m['batch'], 'train.steps': None,
               'train.tokens': m['tokens'], 'optim.warmup_steps': max(steps // 20, 10), 'train.log_every': 50,
@@ -66,16 +66,17 @@ def _widths(widths):
 
 
 def get_sweep(arg=None):
-    mode, tune, _ = _options(arg)
+    mode, tune, o = _options(arg)
     m = MODES[mode]
+    seeds = sweep.seeds(o['seeds'] or m['seeds'], start=o['first_seed'])
     if tune:
         smallest = _widths((TUNE_WIDTH,)) if mode == 'quick' else [{'model.size': m['sizes'][0]}]
         return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)}, smallest)
     families = sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [LEARNING_RATES[f] for f in FAMILIES]})
     if mode == 'quick':
-        return sweep.product(families, _widths(QUICK_WIDTHS), sweep.seeds(m['seeds']))
-    equal_tokens = sweep.product(families, {'model.size': list(m['sizes'])})
-    isoflop = sweep.product(families, sweep.isoflop(m['budgets'], m['sizes']))
+        return sweep.product(families, _widths(QUICK_WIDTHS), seeds)
+    equal_tokens = sweep.product(families, {'model.size': list(m['sizes'])}, seeds)
+    isoflop = sweep.product(families, sweep.isoflop(m['budgets'], m['sizes']), seeds)
     return sweep.concat(equal_tokens, isoflop)
 
 

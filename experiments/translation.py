@@ -32,7 +32,7 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2)
 
 def _options(arg):
     mode, tune, o = experiment_options(arg, mode=('reverse', None))  # seq2seq's task.mode
-    return mode, tune, o['mode']
+    return mode, tune, o
 
 
 def _length(n):
@@ -40,8 +40,8 @@ def _length(n):
 
 
 def get_config(arg=None):
-    mode, _, transduction = _options(arg)
-    m = MODES[mode]
+    mode, _, o = _options(arg)
+    transduction, m = o['mode'], MODES[mode]
     return make_config(None, task='seq2seq', defaults={
         **_length(m['lengths'][0]), 'task.mode': transduction, 'model.size': m['size'],
         'model.rnn_attention': 'bahdanau', 'model.bidirectional': True, 'train.steps': m['steps'],
@@ -51,12 +51,12 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    mode, tune, _ = _options(arg)
+    mode, tune, o = _options(arg)
     m = MODES[mode]
     if tune:
         return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)}, [_length(16)])
     families = sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [LEARNING_RATES[f] for f in FAMILIES]})
-    return sweep.product(families, [_length(n) for n in m['lengths']], sweep.seeds(m['seeds']))
+    return sweep.product(families, [_length(n) for n in m['lengths']], sweep.seeds(o['seeds'] or m['seeds'], start=o['first_seed']))
 
 
 def get_report(arg=None):

@@ -163,7 +163,12 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
 def experiment_options(arg: str | None, **options: tuple[Any, Any]) -> tuple[str, bool, dict[str, Any]]:
     """An experiment file's ARG: `quick` (default) or `full`, `tune`, and named options
     (`name=(default, allowed values or None for any)`) -> (mode, tune, values). An unknown
-    option or a value not allowed raises ValueError naming it and the choices."""
+    option or a value not allowed raises ValueError naming it and the choices.
+
+    Every experiment also takes `first_seed=N` (its seeds start at N instead of 0: a rerun
+    with other seeds) and `seeds=K` (K seeds instead of its form's number): values
+    'first_seed' (an int) and 'seeds' (an int, or None for the form's number)."""
+    options = {'first_seed': (0, None), 'seeds': (None, None), **options}
     args = parse_arg(arg)
     mode = 'full' if args.pop('full', False) else 'quick'
     args.pop('quick', None)
@@ -177,7 +182,16 @@ def experiment_options(arg: str | None, **options: tuple[Any, Any]) -> tuple[str
     if args:
         known = ', '.join(['quick|full', 'tune', *(f'{n}=' for n in options)])
         raise ValueError(f"unknown argument(s) {', '.join(args)}; use {known}")
+    values['first_seed'] = _whole(values['first_seed'], 'first_seed', 0, 'a whole number, the first seed')
+    if values['seeds'] is not None:
+        values['seeds'] = _whole(values['seeds'], 'seeds', 1, 'a positive whole number of seeds')
     return mode, tune, values
+
+
+def _whole(value: Any, name: str, least: int, what: str) -> int:
+    if isinstance(value, bool) or not str(value).isdigit() or int(value) < least:
+        raise ValueError(f'{name}={value}: give {what}')
+    return int(value)
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:

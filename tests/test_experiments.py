@@ -44,14 +44,24 @@ def test_every_trial_of_every_form_resolves(path, form, tmp_path):
         assert all(len(r) == 1 for r in rates.values()), rates
 
 
-def test_long_range_reruns_with_other_seeds_and_counts():
-    module = plan.config_lib._module('experiments/long_range.py')  # noqa: SLF001
-    seeds = lambda arg: sorted({t['train.seed'] for t in module.get_sweep(arg)})  # noqa: E731
-    assert seeds('quick') == [0, 1, 2] and seeds('quick,first_seed=3') == [3, 4, 5]
-    assert seeds('quick,seeds=2') == [0, 1] and seeds('quick,task=mqar,seeds=4,first_seed=2') == [2, 3, 4, 5]
-    settings = lambda arg: {tuple(sorted((k, v) for k, v in t.items() if k != 'train.seed'))  # noqa: E731
-                            for t in module.get_sweep(arg)}
-    assert settings('quick') == settings('quick,first_seed=3')  # the same grid, other seeds
-    for bad in ('quick,seeds=0', 'quick,seeds=two'):
-        with pytest.raises(ValueError, match='seeds='):
+@pytest.mark.parametrize('path', FILES)
+def test_every_experiment_reruns_with_other_seeds_and_counts(path):
+    """`first_seed=` and `seeds=` (a rerun with other seeds, or more of them) work on every
+    experiment file and change nothing but the seeds."""
+    module = plan.config_lib._module(path)  # noqa: SLF001
+    seeds = lambda arg: sorted({t.get('train.seed', 0) for t in module.get_sweep(arg)})  # noqa: E731
+    settings = lambda arg: sorted({tuple(sorted((k, str(v)) for k, v in t.items() if k != 'train.seed'))  # noqa: E731
+                                   for t in module.get_sweep(arg)})
+    first = seeds('quick')
+    assert first == list(range(len(first)))
+    assert seeds('quick,first_seed=7') == [7 + s for s in first]
+    assert seeds('quick,seeds=4,first_seed=2') == [2, 3, 4, 5]
+    assert settings('quick') == settings('quick,first_seed=3') == settings('quick,seeds=4')
+    for bad in ('quick,seeds=0', 'quick,seeds=two', 'quick,first_seed=-1'):
+        with pytest.raises(ValueError, match='seed'):
             module.get_sweep(bad)
+
+
+def test_long_range_quick_has_three_seeds():
+    module = plan.config_lib._module('experiments/long_range.py')  # noqa: SLF001
+    assert sorted({t['train.seed'] for t in module.get_sweep('quick')}) == [0, 1, 2]
