@@ -45,7 +45,7 @@ def _cfg(**fields):
 
 
 def _complete_steps(workdir):
-    return checkpoint._steps_on_disk(os.path.join(workdir, 'checkpoints'))  # noqa: SLF001
+    return checkpoint.steps_saved(workdir)
 
 
 def _compare_histories(ref, got):

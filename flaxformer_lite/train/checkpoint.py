@@ -156,6 +156,11 @@ def _steps_on_disk(directory: str) -> list[int]:
     return sorted((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))), reverse=True)
 
 
+def steps_saved(workdir: str) -> list[int]:
+    """The complete checkpoint steps of the run in `workdir`, newest first ([] for none)."""
+    return _steps_on_disk(os.path.join(workdir, CHECKPOINT_DIR))
+
+
 def _first_line(error: BaseException) -> str:
     text = ' '.join(str(error).split())
     return f'{type(error).__name__}: {text[:160]}{"..." if len(text) > 160 else ""}'

@@ -32,7 +32,7 @@ def evaluate_run(exp: Experiment, workdir: str, *, verbose: bool = True) -> dict
     """Evaluate the latest checkpoint of `workdir`; returns the updated results record."""
     if not checkpoint.check_workdir(workdir, exp.config.to_dict(), exp.derived):
         raise UserError(f'--eval_only: --workdir={workdir} holds no run; train one there first')
-    if not checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):  # noqa: SLF001
+    if not checkpoint.steps_saved(workdir):
         raise UserError(f'--eval_only: --workdir={workdir} holds no checkpoint yet; run the training command '
                         f'again to make one')  # before building anything
     setup = build(exp)

@@ -13,7 +13,6 @@ samples among the k most likely tokens, `--beam=N` is beam search (N=1: greedy).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import flax.linen as nn
@@ -71,7 +70,7 @@ def generate(exp: Experiment, workdir: str, prompt: str | None, opts: Options) -
     tokens = check(exp, prompt, opts)
     if not checkpoint.check_workdir(workdir, exp.config.to_dict(), exp.derived):
         raise UserError(f'--generate: --workdir={workdir} holds no run; train one there first')
-    if not checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):  # noqa: SLF001
+    if not checkpoint.steps_saved(workdir):
         raise UserError(f'--generate: --workdir={workdir} holds no checkpoint yet; train it first')
     setup = build(exp)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=exp.config.checkpoint.max_to_keep, async_save=False,

@@ -175,7 +175,7 @@ def _already_done(workdir: str, cfg) -> dict[str, Any] | None:
     """The results of a finished run whose last checkpoint is where results.json says
     (nothing to do, nothing to write), or None."""
     done = results_lib.read(workdir)
-    steps = checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+    steps = checkpoint.steps_saved(workdir)
     if (done and done['status'] == 'done' and steps and done['step'] == steps[0]
             and steps[0] >= cfg.train.steps):
         return done
@@ -215,8 +215,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
         return {**done.get('metrics', {}), 'status': 'done', 'step': done['step']}
     setup = build(exp)
     # train.init_from matters only for a first start (a started run has its weights in its checkpoints).
-    started_before = resume and checkpoint._steps_on_disk(  # noqa: SLF001
-        os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
+    started_before = resume and checkpoint.steps_saved(workdir)
     init_plan = None if started_before else transfer.plan(cfg, setup.abstract_state.params, exp.model_cfg)
     evaluator = Evaluator(exp, setup)
     train_it = data.train_iterator(exp.task, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -237,7 +236,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
         reason = checkpoint.storage_failure(e)
         if reason is None:
             raise
-        steps = checkpoint._steps_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+        steps = checkpoint.steps_saved(workdir)
         kept = f'the checkpoints up to step {steps[0]} are intact' if steps else 'no checkpoint was written yet'
         raise checkpoint.StorageError(
             f'--workdir={workdir}: its disk refused a write ({reason}); {kept}: free space or make it writable, '

@@ -128,7 +128,7 @@ def _renamer(init_map: Iterable[str], source_paths: Iterable[str]):
 
 
 def _source_step(source: str, want: int | None) -> int:
-    steps = checkpoint._steps_on_disk(os.path.join(source, checkpoint.CHECKPOINT_DIR))  # noqa: SLF001
+    steps = checkpoint.steps_saved(source)
     if not steps:
         raise UserError(f'train.init_from={source} holds no checkpoint; train that run first (or point at another)')
     if want is not None and want not in steps:
