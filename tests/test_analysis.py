@@ -477,3 +477,16 @@ def test_report_over_two_seed_sweeps_states_the_rerun_interval_and_checks_it(tmp
     assert '## Reproduction' not in text and alone['summary']['reproduction'] is None
     assert '| lstm | tiny | 16 | 2 | ' in text and '| [' in text  # the interval column of one sweep
     assert not out['paths']['plots'] and not alone['paths']['plots']  # plots=[]: none drawn
+
+
+def test_a_report_checks_each_metric_the_spec_names_for_reproduction(tmp_path):
+    first, second = str(tmp_path / 'seeds012'), str(tmp_path / 'seeds345')
+    make_sweep(first, families=('lstm',), sizes=('tiny',), deps=(16,), seeds=(0, 1, 2))
+    make_sweep(second, families=('lstm',), sizes=('tiny',), deps=(16,), seeds=(3, 4, 5))
+    spec = {'plots': [], 'fits': False, 'reproduce': ['test/accuracy', 'test/loss']}
+    out = analysis.write_report([first, second], str(tmp_path / 'report'), spec)
+    report = open(out['paths']['report_md']).read()
+    assert '## Reproduction across sweeps\n' in report and '## Reproduction across sweeps: test/loss' in report
+    assert [r['metric'] for r in out['summary']['reproduction']] == ['test/accuracy', 'test/loss']
+    with pytest.raises(UserError, match='unknown key'):
+        analysis.write_report([first], str(tmp_path / 'bad'), {'plots': [], 'reproduces': ['test/loss']})

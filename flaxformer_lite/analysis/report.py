@@ -30,7 +30,8 @@ PLOT_ALIASES = {'scaling': tuple(plots.SCALING_PLOTS)}
 SPEC_DEFAULTS: dict[str, Any] = dict(
     title=None, metric=None, loss_metric=None, x='task.dependency_length', plots=None,
     group=('model.name', 'model.size'), table_group=None, tuned=None, error_bars='std',
-    bootstrap=200, seed=0, level=95.0, fits=True, choose=None, table_metrics=None)
+    bootstrap=200, seed=0, level=95.0, fits=True, choose=None, table_metrics=None,
+    reproduce=None)  # the metrics a report over several sweeps checks (default: `metric`)
 METRIC_CHOICES = ('test/accuracy', 'eval/accuracy', 'test/exact_match', 'eval/exact_match', 'test/mse', 'eval/mse')
 
 
@@ -267,8 +268,11 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
            + f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '
            f'[aggregated.csv](aggregated.csv), [results.json](results.json).', '']
     md += [tables.groups_markdown(groups, by, metrics, interval, level) if groups else 'No finished runs yet.\n']
-    reproduction = reproduce.compare(runs, by, spec['metric'], level) if several_sweeps(runs) else []
-    md += reproduce.section(reproduction, by, spec['metric'], level)
+    reproduction: list[dict] = []
+    for i, metric in enumerate((spec['reproduce'] or [spec['metric']]) if several_sweeps(runs) else []):
+        rows_of = reproduce.compare(runs, by, metric, level)
+        md += reproduce.section(rows_of, by, metric, level, first=i == 0)
+        reproduction += rows_of
     chosen_md, chosen = _choose_section(runs, spec)
     md += chosen_md + _fits_section(fits, fits_skip, spec) + _plots_section(written, skipped, spec)
     md += _problems_section(runs)

@@ -46,7 +46,7 @@ def compare(runs: Sequence[Run], by: Sequence[str], metric: str, level: float = 
             a, b = stats[ref], stats[other]
             in_a = tables.rerun_interval(a, metric, m=b['n'], level=level)
             in_b = tables.rerun_interval(b, metric, m=a['n'], level=level)
-            rows.append({**dict(zip(by, values)), 'reference': ref, 'rerun': other,
+            rows.append({**dict(zip(by, values)), 'metric': metric, 'reference': ref, 'rerun': other,
                          'reference_mean': a['mean'], 'reference_n': a['n'], 'reference_interval': in_a,
                          'rerun_mean': b['mean'], 'rerun_n': b['n'], 'rerun_interval': in_b,
                          'rerun_inside_reference': _inside(b['mean'], in_a),
@@ -58,8 +58,10 @@ def _yes(flag: bool | None) -> str:
     return 'n/a' if flag is None else 'yes' if flag else '**no**'
 
 
-def section(rows: Sequence[dict[str, Any]], by: Sequence[str], metric: str, level: float = 95.0) -> list[str]:
-    """report.md's 'Reproduction across sweeps' (nothing when no setting was run twice)."""
+def section(rows: Sequence[dict[str, Any]], by: Sequence[str], metric: str, level: float = 95.0,
+            first: bool = True) -> list[str]:
+    """report.md's 'Reproduction across sweeps' for `metric` (nothing when no setting was
+    run twice); a report checking several metrics gives each after the first its own heading."""
     if not rows:
         return []
     by = [f for f in by if f != 'sweep']
@@ -67,7 +69,7 @@ def section(rows: Sequence[dict[str, Any]], by: Sequence[str], metric: str, leve
     forward = sum(bool(r['rerun_inside_reference']) for r in checked)
     backward = sum(bool(r['reference_inside_rerun']) for r in rows if r['reference_inside_rerun'] is not None)
     both = [r for r in checked if not r['rerun_inside_reference'] and r['reference_inside_rerun'] is False]
-    lines = ['## Reproduction across sweeps', '',
+    lines = ['## Reproduction across sweeps' + ('' if first else f': {metric}'), '',
              f'Each setting run by two sweeps: its `{metric}` mean in each, and the {level:g}% interval each '
              f'sets for the other\'s mean (Student-t prediction interval for the mean of a rerun with that many '
              f'seeds, clipped to the metric\'s range). With seeds the only difference, about {level:g} in 100 '
