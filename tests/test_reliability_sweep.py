@@ -140,3 +140,24 @@ def test_a_sweep_runner_killed_at_random_moments_finishes_every_trial_once(tmp_p
     resumed = sum(len(re.findall('resumed from step', (workdir / 'logs' / f'{n}.log').read_text()))
                   for n in _trial_dirs(workdir))
     print(f'runner killed {kills} times; trials resumed {resumed} times; each finished once')
+
+
+def test_a_sweep_runner_stopped_before_its_trials_start_returns_and_leaves_them_pending(tmp_path):
+    """SIGTERM while the runner is still starting (its fork server not ready, nothing
+    running): it must return 128+15 at once, not wait for a queue it will never run."""
+    import signal
+    experiment = tmp_path / 'exp.py'
+    experiment.write_text(EXPERIMENT)
+    workdir = tmp_path / 'sweep'
+    proc = _launch(f'--config={experiment}', '--sweep', f'--workdir={workdir}', '--parallel=1')
+    line = proc.stderr.readline()
+    assert '3 trials, 0 done, 3 to run' in line, line
+    time.sleep(1)  # its handler is in place; its fork server is still importing jax
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError('the stopped runner did not return') from None
+    assert code == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    assert not any(s.get('status') == 'done' for s in _statuses(workdir).values())

@@ -236,7 +236,9 @@ def run_local(sweep: Sweep, parallel: int) -> int:
     server = ForkServer.start(child_env()) if todo else None
     try:
         queue = list(todo)
-        while queue or running:
+        # After a stop the queue is left as it is: once the running trials have saved and
+        # exited, the runner returns (the rest stay pending for the next run).
+        while running or (queue and stop['signal'] is None):
             while queue and free and stop['signal'] is None:
                 # A trial another live process holds (a trial of a killed runner still
                 # saving, a --trial task) waits; the others go first.
