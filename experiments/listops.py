@@ -58,7 +58,7 @@ def get_sweep(arg=None):
     if tune:
         return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)})
     families = sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [LEARNING_RATES[f] for f in FAMILIES]})
-    return sweep.product(families, sweep.seeds(o['seeds'] or MODES[mode]['seeds'], start=o['first_seed']))
+    return sweep.product(families, sweep.experiment_seeds(o, MODES[mode]['seeds']))
 
 
 def get_report(arg=None):

@@ -72,7 +72,7 @@ TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 def _options(arg):
     mode, tune, o = experiment_options(arg, task=('copy', tuple(TASKS)))
-    return mode, o['task'], tune, o['first_seed'], o['seeds']
+    return mode, o['task'], tune, o
 
 
 def _length(task, length):
@@ -84,7 +84,7 @@ def _length(task, length):
 
 
 def get_config(arg=None):
-    mode, task, _, _, _ = _options(arg)
+    mode, task, _, _ = _options(arg)
     m = MODES[mode]
     return make_config(None, task=task, defaults={
         **TASKS[task], **_length(task, m['lengths'][0]),
@@ -99,7 +99,7 @@ def _rate(task, family):
 
 
 def get_sweep(arg=None):
-    mode, task, tune, first_seed, seeds = _options(arg)
+    mode, task, tune, o = _options(arg)
     m = MODES[mode]
     if tune:
         return sweep.product({'model.name': list(m['families'] + m['modern']), 'optim.learning_rate': list(TUNE_GRID)},
@@ -108,12 +108,12 @@ def get_sweep(arg=None):
     def grid(sizes, names):
         families = sweep.zip({'model.name': list(names), 'optim.learning_rate': [_rate(task, f) for f in names]})
         return sweep.product({'model.size': list(sizes)}, families, [_length(task, n) for n in m['lengths']],
-                             sweep.seeds(seeds or m['seeds'], start=first_seed))
+                             sweep.experiment_seeds(o, m['seeds']))
     return grid(m['sizes'], m['families']) + grid(m['modern_sizes'], m['modern'])
 
 
 def get_report(arg=None):
-    mode, task, tune, _, _ = _options(arg)
+    mode, task, tune, _ = _options(arg)
     if tune:
         return {'title': f'long_range ({mode}, {task}): learning rate per family and size', 'metric': 'eval/accuracy',
                 'x': 'optim.learning_rate', 'group': ['model.name', 'model.size'],

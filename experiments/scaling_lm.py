@@ -68,7 +68,7 @@ def _widths(widths):
 def get_sweep(arg=None):
     mode, tune, o = _options(arg)
     m = MODES[mode]
-    seeds = sweep.seeds(o['seeds'] or m['seeds'], start=o['first_seed'])
+    seeds = sweep.experiment_seeds(o, m['seeds'])
     if tune:
         smallest = _widths((TUNE_WIDTH,)) if mode == 'quick' else [{'model.size': m['sizes'][0]}]
         return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)}, smallest)

@@ -83,7 +83,7 @@ def get_sweep(arg=None):
     for family in FAMILIES:
         for init in (None, pretrained_run(o['pretrained'], family)):
             trials.append({'model.name': family, 'optim.learning_rate': FINETUNE_LR[family], 'train.init_from': init})
-    return sweep.product(trials, sweep.seeds(o['seeds'] or MODES[mode]['seeds'], start=o['first_seed']))
+    return sweep.product(trials, sweep.experiment_seeds(o, MODES[mode]['seeds']))
 
 
 def get_report(arg=None):

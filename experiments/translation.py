@@ -56,7 +56,7 @@ def get_sweep(arg=None):
     if tune:
         return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)}, [_length(16)])
     families = sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [LEARNING_RATES[f] for f in FAMILIES]})
-    return sweep.product(families, [_length(n) for n in m['lengths']], sweep.seeds(o['seeds'] or m['seeds'], start=o['first_seed']))
+    return sweep.product(families, [_length(n) for n in m['lengths']], sweep.experiment_seeds(o, m['seeds']))
 
 
 def get_report(arg=None):

@@ -13,8 +13,8 @@ a SLURM job array (`--slurm`).
     python launch.py --report --workdir=runs/s1
 """
 
-from flaxformer_lite.sweep.define import (Distribution, Trial, choice, concat, int_log_uniform, isoflop, log_uniform,
-                                          product, random, seeds, uniform, zip)
+from flaxformer_lite.sweep.define import (Distribution, Trial, choice, concat, experiment_seeds, int_log_uniform,
+                                          isoflop, log_uniform, product, random, seeds, uniform, zip)
 
-__all__ = ['Distribution', 'Trial', 'choice', 'concat', 'int_log_uniform', 'isoflop', 'log_uniform', 'product',
+__all__ = ['Distribution', 'Trial', 'choice', 'concat', 'experiment_seeds', 'int_log_uniform', 'isoflop', 'log_uniform', 'product',
            'random', 'seeds', 'uniform', 'zip']

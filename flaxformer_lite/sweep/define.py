@@ -81,6 +81,12 @@ def seeds(k: int, field: str = 'train.seed', start: int = 0) -> list[Trial]:
     return [{field: start + i} for i in range(k)]
 
 
+def experiment_seeds(options: Mapping[str, Any], default: int) -> list[Trial]:
+    """The seeds an experiment file's options (`config.experiment_options`) ask for:
+    `seeds=K` of them (else the form's `default`), numbered from `first_seed=N`."""
+    return seeds(options['seeds'] or default, start=options['first_seed'])
+
+
 @dataclasses.dataclass(frozen=True)
 class Distribution:
     """A distribution `random` draws one value per trial from."""
