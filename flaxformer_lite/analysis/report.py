@@ -283,7 +283,8 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     summary = dict(
         runs=count_by_status(runs), loss_metric=spec['loss_metric'], metric=spec['metric'],
         fits=[s.to_dict() for s in fits or []], fits_skipped=fits_skip or None, plots=dict(written),
-        skipped=skipped, chosen=chosen or None, reproduction=reproduction or None, failed=[r.name for r in runs if r.status == 'failed'],
+        skipped=skipped, chosen=chosen or None, reproduction=reproduction or None,
+        failed=[r.name for r in runs if r.status == 'failed'],
         pending=[r.name for r in runs if r.status in ('pending', 'running')])
     with open(out['results.json'], 'w', encoding='utf-8') as f:
         json.dump(_clean(dict(report='flaxformer_lite.analysis', spec=spec, trials=rows,

@@ -16,5 +16,5 @@ a SLURM job array (`--slurm`).
 from flaxformer_lite.sweep.define import (Distribution, Trial, choice, concat, experiment_seeds, int_log_uniform,
                                           isoflop, log_uniform, product, random, seeds, uniform, zip)
 
-__all__ = ['Distribution', 'Trial', 'choice', 'concat', 'experiment_seeds', 'int_log_uniform', 'isoflop', 'log_uniform', 'product',
-           'random', 'seeds', 'uniform', 'zip']
+__all__ = ['Distribution', 'Trial', 'choice', 'concat', 'experiment_seeds', 'int_log_uniform', 'isoflop',
+           'log_uniform', 'product', 'random', 'seeds', 'uniform', 'zip']
