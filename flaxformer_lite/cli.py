@@ -33,11 +33,9 @@ import argparse
 import difflib
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 
+from flaxformer_lite import supervisor
 from flaxformer_lite.errors import UserError
 
 FLAGS_HELP = {
@@ -323,92 +321,12 @@ def _report_spec(config_spec: str | None, paths: list[str]):
     return config.call(module, 'get_report', arg or None, path) if hasattr(module, 'get_report') else None
 
 
-SUPERVISED = 'FLAXFORMER_SUPERVISED'  # set in the child a supervisor runs
-# The end of a process jax.distributed stopped (glog lines, a check failure, its status).
-_DISTRIBUTED_FATAL = re.compile(r'coordination_service|Terminating process because the JAX distributed service|'
-                                r'\bclient\.h:\d+\]')
-
-
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A preexec_fn: the child gets `sig` when the process that started it dies (Linux),
-    so killing a runner or supervisor (even with kill -9) never leaves its work running."""
-    def preexec() -> None:
-        try:
-            import ctypes
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    return preexec
-
-
-def _cluster_launch() -> bool:
-    """Several processes started by a cluster launcher (as parallel.initialize_distributed detects)."""
-    return (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-            or 'TPU_WORKER_HOSTNAMES' in os.environ)
-
-
-def _distributed_failure(lines: list[str], args: argparse.Namespace) -> str:
-    """One line saying why jax.distributed ended this process, from what it printed."""
-    text = '\n'.join(lines)
-    who = f'process {args.process_id} of {args.num_processes}' if args.num_processes else 'this process'
-    rerun = 'run the same command on every process again to resume from the last checkpoint'
-    if 'stopped sending heartbeats' in text:
-        after = text.split('stopped sending heartbeats', 1)[1]
-        ids = list(dict.fromkeys(re.findall(r'^\s*(\d+)\s*$', after, flags=re.M)))[:8]  # jax repeats them
-        dead = f"process {', '.join(ids)}" if ids else 'another process'
-        return (f'jax.distributed: {dead} stopped responding (no heartbeat for --distributed_timeout='
-                f'{args.distributed_timeout} s: it died or hangs), so {who} stops too; {rerun}')
-    if 'RegisterTask' in text or 'DEADLINE_EXCEEDED' in text or 'Barrier timed out' in text:
-        return (f'jax.distributed: not every process joined within --distributed_timeout={args.distributed_timeout} '
-                f's (coordinator {args.coordinator or "from the cluster"}); start all of them with the same '
-                f'--coordinator and --num_processes and each its own --process_id, or raise --distributed_timeout')
-    if 'Failed to send RPC' in text or 'leader task' in text or 'UNAVAILABLE' in text or 'Socket closed' in text:
-        return (f'jax.distributed: lost the coordinator (process 0 at {args.coordinator or "the cluster address"} '
-                f'died or is unreachable), so {who} stops too; {rerun}')
-    first = next((x for x in lines if 'absl::Status' in x or 'Error' in x), lines[0] if lines else '')
-    return f'jax.distributed stopped {who}: {" ".join(first.split())[:300]}; {rerun}'
-
-
-def supervise(argv: list[str], args: argparse.Namespace) -> int:
-    """Run this command again as a child and watch it. jax.distributed ends a process
-    whose peer never joined, died or hangs with an abort (SIGABRT) and pages of C++
-    traces; the supervisor turns that into one line and exit status 5. Everything else
-    the child prints passes through; signals (Ctrl-C, a scheduler's SIGTERM) are passed
-    on; the child dies with the supervisor."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, **{SUPERVISED: '1'})
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
-    proc = subprocess.Popen([sys.executable, '-u', '-m', 'flaxformer_lite', *argv], stderr=subprocess.PIPE,
-                            env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
-                            text=True, errors='replace', bufsize=1)
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    held: list[str] = []  # what jax.distributed printed as it ended the child
-    try:
-        for line in proc.stderr:
-            if held or _DISTRIBUTED_FATAL.search(line):
-                held.append(line.rstrip('\n'))
-            else:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        code = proc.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if held and code != 0:
-        print(f'error: {_distributed_failure(held, args)}', file=sys.stderr, flush=True)
-        return 5
-    for line in held:  # not the end after all
-        print(line, file=sys.stderr)
-    return 128 - code if code < 0 else code
-
-
 def main(argv: list[str]) -> int:
     try:
         args, overrides = parse(argv)
-        if (not (args.sweep or args.report) and not os.environ.get(SUPERVISED)
-                and (args.coordinator is not None or _cluster_launch())):
-            return supervise(argv, args)
+        if (not (args.sweep or args.report) and not os.environ.get(supervisor.SUPERVISED)
+                and (args.coordinator is not None or supervisor.cluster_launch())):
+            return supervisor.supervise(argv, args)
         if args.report:
             return run_report(args)
         if args.sweep:  # before importing jax: a refused runner or trial says so at once

@@ -200,7 +200,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     Without it a survivor would wait forever: a CPU (gloo) collective with a dead peer
     never returns. jax ends such processes with a fatal error (an abort; the
     `missed_heartbeat_callback` of its client crashes with std::bad_cast in jaxlib 0.10.2,
-    so it cannot be caught in Python); `cli.supervise` turns that into one line and exit
+    so it cannot be caught in Python); `supervisor.supervise` turns that into one line and exit
     status 5. When process 0 dies, the others lose the coordination service at once and
     end immediately."""
     explicit = coordinator is not None

@@ -1,6 +1,6 @@
 """Multi-host failures, with processes on 127.0.0.1: a process that never joins, or dies
 mid-run, ends the others within --distributed_timeout with one line and exit status 5
-(cli.supervise), not a hang and not jax's SIGABRT; the same command then resumes."""
+(supervisor.supervise), not a hang and not jax's SIGABRT; the same command then resumes."""
 
 import os
 import socket

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
-from flaxformer_lite.cli import die_with_parent  # stdlib-only at import time, so the server stays light
+from flaxformer_lite.supervisor import die_with_parent  # stdlib-only at import time, so the server stays light
 
 # Set to 0 to start each trial as a plain subprocess instead.
 ENV_SWITCH = 'FLAXFORMER_FORK_SERVER'

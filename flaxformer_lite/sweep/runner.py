@@ -207,7 +207,7 @@ def run_local(sweep: Sweep, parallel: int) -> int:
     """Run every unfinished trial, `parallel` at a time; print progress and a final
     table; 1 if any trial failed (0 otherwise, 128+signal when stopped by one). The
     caller holds the sweep workdir's lock."""
-    from flaxformer_lite.cli import die_with_parent
+    from flaxformer_lite.supervisor import die_with_parent
     from flaxformer_lite import lock as lock_lib
     todo = [t for t in sweep.trials if read_status(sweep, t).get('status') != 'done']
     total = len(sweep.trials)
