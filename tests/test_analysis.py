@@ -414,10 +414,11 @@ def test_rerun_interval_by_hand():
     assert (lo, hi) == pytest.approx((0.5 - t975[2] * 0.1 * math.sqrt(2 / 3), 0.5 + t975[2] * 0.1 * math.sqrt(2 / 3)))
     lo, hi = tables.rerun_interval({'mean': 0.5, 'std': 0.1, 'n': 3}, 'test/loss', m=6)
     assert hi - 0.5 == pytest.approx(t975[2] * 0.1 * math.sqrt(1 / 3 + 1 / 6))
-    # accuracies are clipped to [0, 1]; losses are not
+    # accuracies are clipped to [0, 1], losses to [0, inf); other metrics are not
     assert tables.rerun_interval({'mean': 0.95, 'std': 0.02, 'n': 2}, 'eval/seq_accuracy') == \
         pytest.approx((0.95 - t975[1] * 0.02, 1.0))
-    assert tables.rerun_interval({'mean': 0.1, 'std': 0.2, 'n': 2}, 'test/loss')[0] < 0
+    assert tables.rerun_interval({'mean': 0.1, 'std': 0.2, 'n': 2}, 'test/loss')[0] == 0.0
+    assert tables.rerun_interval({'mean': 0.1, 'std': 0.2, 'n': 2}, 'test/log_ratio')[0] < 0
     assert tables.rerun_interval({'mean': 1.0, 'std': 0.0, 'n': 3}, 'test/accuracy') == (1.0, 1.0)
     assert tables.rerun_interval({'mean': 0.3, 'std': 0.0, 'n': 1}, 'test/accuracy') is None
 
@@ -490,3 +491,4 @@ def test_a_report_checks_each_metric_the_spec_names_for_reproduction(tmp_path):
     assert [r['metric'] for r in out['summary']['reproduction']] == ['test/accuracy', 'test/loss']
     with pytest.raises(UserError, match='unknown key'):
         analysis.write_report([first], str(tmp_path / 'bad'), {'plots': [], 'reproduces': ['test/loss']})
+

@@ -97,9 +97,14 @@ def summarize(values: Iterable[float]) -> dict[str, float] | None:
 
 
 def bounds(metric: str) -> tuple[float, float]:
-    """The range a metric can take: [0, 1] for accuracies and exact match, else unbounded."""
+    """The range a metric can take: [0, 1] for accuracies and exact match, [0, inf) for
+    losses, squared errors and perplexities, else unbounded."""
     leaf = metric.rsplit('/', 1)[-1]
-    return (0.0, 1.0) if 'accuracy' in leaf or 'exact_match' in leaf else (-math.inf, math.inf)
+    if 'accuracy' in leaf or 'exact_match' in leaf:
+        return 0.0, 1.0
+    if 'loss' in leaf or 'mse' in leaf or 'perplexity' in leaf:
+        return 0.0, math.inf
+    return -math.inf, math.inf
 
 
 def rerun_interval(stats: Mapping[str, float] | None, metric: str, m: int | None = None,
