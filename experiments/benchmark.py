@@ -134,21 +134,22 @@ class Ours:
         fn = step_lib.make_train_step(setup.model, setup.tx, setup.lr, exp.spec.kind,
                                       label_smoothing=cfg.train.label_smoothing, seed=cfg.train.seed,
                                       skip_nonfinite=cfg.train.skip_nonfinite)
-        step = jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding, rep),
+        step = jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding, rep, rep),
                        out_shardings=(setup.state_shardings, rep, rep), donate_argnums=(0,))
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             self.state = setup.init_state()
             self.health = jax.jit(step_lib.initial_health, out_shardings=rep)()
             self.batch = jax.device_put(batch_of(exp), setup.batch_sharding)
             start = time.perf_counter()
-            self.step = step.lower(self.state, self.batch, self.health).compile()
+            self.hparams = jax.device_put(setup.step_inputs(), rep)
+            self.step = step.lower(self.state, self.batch, self.hparams, self.health).compile()
             self.compile_s = time.perf_counter() - start
         self._ceiling_fn = None
 
     def steps(self, n: int) -> float:
         metrics = None
         for _ in range(n):
-            self.state, metrics, self.health = self.step(self.state, self.batch, self.health)
+            self.state, metrics, self.health = self.step(self.state, self.batch, self.hparams, self.health)
         return float(metrics['objective'])  # blocks until the last step is done
 
     def ceiling(self) -> float:

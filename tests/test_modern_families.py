@@ -356,7 +356,8 @@ def mesh_losses() -> dict[str, list[float]]:
             train_it = data.train_iterator(exp.task, batch_size=exp.config.train.batch_size, seed=0)
             step = jax.jit(step_lib.make_train_step(setup.model, setup.tx, setup.lr, exp.spec.kind,
                                                     label_smoothing=0.0, seed=0),
-                           in_shardings=(setup.state_shardings, setup.batch_sharding),
+                           in_shardings=(setup.state_shardings, setup.batch_sharding,
+                                         parallel.replicated(setup.mesh)),
                            out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)))
             with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
                 if start is None:
@@ -367,7 +368,8 @@ def mesh_losses() -> dict[str, list[float]]:
                 state = jax.device_put(start, setup.state_shardings)
                 losses = []
                 for _ in range(3):
-                    state, metrics = step(state, data.to_global(next(train_it), setup.batch_sharding))
+                    state, metrics = step(state, data.to_global(next(train_it), setup.batch_sharding),
+                                          setup.step_inputs())
                     losses.append(float(metrics['objective']))
             out[f'{name}/{mesh}'] = losses
     return out

@@ -98,7 +98,8 @@ def test_scanned_and_unrolled_models_take_the_same_optimizer_steps():
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
         batches = data.train_iterator(exp.task, batch_size=exp.config.train.batch_size, seed=0)
         for _ in range(3):
-            state, _ = train_step(state, {k: jnp.asarray(v) for k, v in next(batches).items()})
+            state, _ = train_step(state, {k: jnp.asarray(v) for k, v in next(batches).items()},
+                                  optimizer.step_inputs(exp.config.optim))
         finals[scan] = state.params
     expected = _stack_layers(finals[False], 2)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(finals[True])):

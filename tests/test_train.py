@@ -79,6 +79,26 @@ def test_train_step_compiles_once(workdir, caplog):
     assert sum('jit(eval_step)' in m for m in compiles) == 1, compiles
 
 
+def test_runs_that_differ_only_in_learning_rate_share_one_compiled_step(tmp_path, caplog, private_compilation_cache):
+    """The peak learning rate is an input of the step, not a constant in it: the second
+    run's train step comes from the persistent compilation cache the first one wrote,
+    and it still trains at its own rate."""
+    caplog.set_level(logging.WARNING)
+    runs = {}
+    with jax.log_compiles():
+        for lr in (2.5e-3, 7e-4):
+            caplog.clear()
+            _train(tiny_config(optim__learning_rate=lr, train__steps=10, eval__every_steps=10), str(tmp_path / str(lr)))
+            runs[lr] = [r.getMessage() for r in caplog.records]
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    assert not any(hit in m for m in runs[2.5e-3]) and any(hit in m for m in runs[7e-4]), runs[7e-4]
+    a, b = (read_scalars(str(tmp_path / str(lr))) for lr in (2.5e-3, 7e-4))
+    rate_a, rate_b = a['train/learning_rate'], b['train/learning_rate']
+    assert rate_a.keys() == rate_b.keys() and all(np.isclose(rate_b[s] * 2.5e-3, rate_a[s] * 7e-4, rtol=1e-5)
+                                                  for s in rate_a)
+    assert a['train/loss'][10] != b['train/loss'][10]  # the updates used each run's own rate
+
+
 def _snapshot(path):
     out = {}
     for root, _, files in os.walk(path):

@@ -1,4 +1,12 @@
-"""AdamW with warmup and a decay schedule, global-norm clipping, weight decay by parameter role."""
+"""AdamW with warmup and a decay schedule, global-norm clipping, weight decay by parameter role.
+
+The peak learning rate is an input of the compiled train step, not a constant in it: the
+schedule here has peak 1 and the optimizer's last transformation multiplies the update by
+the peak it is given (`tx.update(..., learning_rate=x)`). Runs that differ only in their
+learning rate (a tuning grid) or their seed therefore share one compiled program, which a
+sweep's persistent compilation cache serves to every trial after the first. The update is
+AdamW's with a learning rate of `peak * shape(step)`, decoupled weight decay included.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +17,20 @@ import jax.numpy as jnp
 import optax
 
 
-def schedule(optim: Mapping[str, Any], train_steps: int) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine (to end_learning_rate_ratio * peak at
+# The hyperparameters that are inputs of the train step (float32 scalars), by config field.
+STEP_INPUTS = {'learning_rate': 'optim.learning_rate'}
+
+
+def step_inputs(optim: Mapping[str, Any]) -> dict[str, float]:
+    """{'learning_rate': peak}: the values the loop gives the compiled step."""
+    return {name: float(optim[field.split('.')[-1]]) for name, field in STEP_INPUTS.items()}
+
+
+def schedule(optim: Mapping[str, Any], train_steps: int, peak: float = 1.0) -> optax.Schedule:
+    """The learning rate's shape with peak `peak` (default 1: multiplied by the step's
+    input): linear warmup to the peak, then cosine (to end_learning_rate_ratio * peak at
     decay_steps, default train.steps), constant, or the paper's inverse square root."""
-    peak, warmup = optim['learning_rate'], int(optim['warmup_steps'])
+    warmup = int(optim['warmup_steps'])
     kind = optim['schedule']
     if kind == 'cosine':
         decay = int(optim['decay_steps'] or train_steps)
@@ -63,17 +81,31 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(role, params)
 
 
+def scale_by_peak(default: float) -> optax.GradientTransformationExtraArgs:
+    """Multiplies the update by `learning_rate`, given to `update` as an extra argument
+    (an array: the step's input), or by `default` (the configured peak, a constant) when
+    none is given."""
+    def update(updates, state, params=None, *, learning_rate=None, **extra):
+        del params, extra
+        peak = default if learning_rate is None else learning_rate
+        return jax.tree.map(lambda u: (u * peak).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def make(optim: Mapping[str, Any], train_steps: int, frozen: Any | None = None
          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW as configured. `frozen`: a tree of bools like the parameters (`train.freeze`): those
-    parameters get zero updates (no decay either) and no optimizer moments, and the
-    clipping norm is that of the trained parameters' gradients alone."""
+    """AdamW as configured, and the schedule's shape (peak 1). `frozen`: a tree of bools
+    like the parameters (`train.freeze`): those parameters get zero updates (no decay
+    either) and no optimizer moments, and the clipping norm is that of the trained
+    parameters' gradients alone."""
     lr = schedule(optim, train_steps)
     parts = []
     if optim['grad_clip'] > 0:
         parts.append(optax.clip_by_global_norm(optim['grad_clip']))
     parts.append(optax.adamw(lr, b1=optim['b1'], b2=optim['b2'], eps=optim['eps'],
                              weight_decay=optim['weight_decay'], mask=decay_mask))
+    parts.append(scale_by_peak(step_inputs(optim)['learning_rate']))
     tx = optax.chain(*parts)
     if frozen is not None:
         labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen)  # a tree, not a function of

@@ -29,13 +29,18 @@ class Setup:
     rules_name: str
     model: nn.Module
     tx: Any
-    lr: Any
+    lr: Any  # the schedule's shape, peak 1
+    optim: Any  # cfg.optim: the configured values of the step's inputs
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     init_fn: Any  # init_fn(rng) -> TrainState
     rng: jax.Array  # the key of train.seed that init_fn is given
     batch_sharding: Any
     notes: list[str]  # layout decisions worth a line at start-up
+
+    def step_inputs(self) -> dict[str, np.ndarray]:
+        """The train step's hyperparameter inputs (`optimizer.step_inputs`) as float32."""
+        return {k: np.float32(v) for k, v in optimizer.step_inputs(self.optim).items()}
 
     def init_state(self) -> TrainState:
         """The initial state, laid out by `state_shardings`. It runs once, so on CPU it is
@@ -83,6 +88,7 @@ def build(exp: Experiment) -> Setup:
     opt_sh = parallel.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
     state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    return Setup(mesh=mesh, rules=rules, rules_name=rules_name, model=model, tx=tx, lr=lr, state_shardings=state_sh,
+    return Setup(mesh=mesh, rules=rules, rules_name=rules_name, model=model, tx=tx, lr=lr, optim=cfg.optim,
+                 state_shardings=state_sh,
                  abstract_state=abstract, init_fn=init_fn, rng=rng, batch_sharding=parallel.batch_sharding(mesh),
                  notes=notes)

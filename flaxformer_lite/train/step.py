@@ -1,4 +1,4 @@
-"""Pure step functions: `train_step(state, batch) -> (state, metrics)` and evaluation.
+"""Pure step functions: `train_step(state, batch, hparams) -> (state, metrics)` and evaluation.
 
 They are jitted once by the loop with shardings and buffer donation; nothing here
 touches the host, so the loop never waits for the device between steps. Numeric faults
@@ -41,15 +41,19 @@ def _all_finite(tree: Any) -> jax.Array:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule, kind: str,
                     *, label_smoothing: float, seed: int, skip_nonfinite: bool = False
                     ) -> Callable[..., tuple]:
-    """`train_step(state, batch, health) -> (state, metrics, health)`. A step whose loss or
+    """`train_step(state, batch, hparams, health) -> (state, metrics, health)`. `lr` is the
+    schedule's shape (peak 1) and `hparams` the step's inputs, `{'learning_rate': peak}`
+    (float32 scalars, `optimizer.step_inputs`), so one compiled step serves every
+    learning rate. A step whose loss or
     gradients are NaN or Inf is recorded in `health`; with `skip_nonfinite` its update is
     dropped instead (parameters and optimizer state stay as they were; the step counter,
     and with it the data and the schedule, moves on) and counted in `health['skipped']`.
-    Without `health`, `train_step(state, batch) -> (state, metrics)`."""
+    Without `health`, `train_step(state, batch, hparams) -> (state, metrics)`."""
     base_key = jax.random.key(seed)
 
-    def train_step(state: TrainState, batch: Batch, health: dict | None = None):
+    def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array], health: dict | None = None):
         carry = health is not None
+        peak = jnp.asarray(hparams['learning_rate'], jnp.float32)
         health = initial_health() if health is None else health
         # Dropout randomness is a function of (seed, step): a resumed run draws the same.
         rng = jax.random.fold_in(jax.random.fold_in(base_key, 1), state.step)
@@ -59,7 +63,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: opta
             return losses.metric_sums(outputs, batch, kind, label_smoothing)
 
         (objective, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=peak)
         params = optax.apply_updates(state.params, updates)
         loss_ok, grads_ok = jnp.isfinite(objective), _all_finite(grads)
         ok = loss_ok & grads_ok
@@ -72,7 +76,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: opta
             first = (health['first_bad'] < 0) & ~ok
             health = dict(health, first_bad=jnp.where(first, state.step + 1, health['first_bad']).astype(jnp.int32),
                           bad_what=jnp.where(first, what, health['bad_what']).astype(jnp.int32))
-        metrics = dict(objective=objective, grad_norm=optax.global_norm(grads), learning_rate=lr(state.step),
+        metrics = dict(objective=objective, grad_norm=optax.global_norm(grads), learning_rate=lr(state.step) * peak,
                        **{k: v for k, v in sums.items() if jnp.ndim(v) == 0})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return (new_state, metrics, health) if carry else (new_state, metrics)
