@@ -1,12 +1,26 @@
-"""Shared helpers: tiny configs that train in seconds, and reading runs back."""
+"""Shared helpers: tiny configs that train in seconds, and reading runs back.
+
+The whole session (every xdist worker, and every subprocess a test starts: they inherit
+the environment) shares one persistent JAX compilation cache, so a program one test
+compiled is read, not compiled, by the next: the tests build the same tiny shapes many
+times. It is set here, before jax is imported anywhere. FLAXFORMER_TEST_JAX_CACHE names
+a folder to keep it across sessions.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = (os.environ.get('FLAXFORMER_TEST_JAX_CACHE')
+                                               or tempfile.mkdtemp(prefix='flaxformer_tests_jax_cache_'))
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
-from flaxformer_lite import config as config_lib
+import pytest  # noqa: E402
+
+from flaxformer_lite import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where launch.py and configs/ are
 
@@ -248,9 +262,10 @@ class Zygote:
 
 
 @pytest.fixture(scope='session')
-def shared_jax_cache(tmp_path_factory):
-    """One persistent compilation cache folder for the in-process runs and the Zygote's."""
-    return str(tmp_path_factory.mktemp('jax_cache'))
+def shared_jax_cache():
+    """The session's persistent compilation cache folder (in-process runs, the Zygote's and
+    every subprocess's)."""
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
 @pytest.fixture(scope='module')
@@ -262,18 +277,29 @@ def zygote(shared_jax_cache):
 
 @pytest.fixture(scope='module')
 def compilation_cache(shared_jax_cache):
-    """A persistent JAX compilation cache for this module's in-process runs (each run jits
-    its steps afresh; from the cache that costs a read, not a compile), shared with the
-    Zygote's runs."""
+    """The session's persistent compilation cache, in force for this module's in-process
+    runs (each run jits its steps afresh; from the cache that costs a read, not a compile).
+    A test that changed jax's cache settings gets them back here."""
     import jax
     from jax._src import compilation_cache as cc
     names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
              'jax_persistent_cache_min_entry_size_bytes')
-    old = {n: getattr(jax.config, n) for n in names}
-    for name, value in zip(names, (shared_jax_cache, 0.0, 0)):
-        jax.config.update(name, value)
-    cc.reset_cache()
+    if tuple(getattr(jax.config, n) for n in names) != (shared_jax_cache, 0.0, 0):
+        for name, value in zip(names, (shared_jax_cache, 0.0, 0)):
+            jax.config.update(name, value)
+        cc.reset_cache()
     yield
-    for name, value in old.items():
-        jax.config.update(name, value)
+
+
+@pytest.fixture
+def private_compilation_cache(tmp_path):
+    """An empty persistent compilation cache of this test's own (for a test about what is
+    compiled and what is read), the session's restored after it."""
+    import jax
+    from jax._src import compilation_cache as cc
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_cache'))
+    cc.reset_cache()
+    yield str(tmp_path / 'jax_cache')
+    jax.config.update('jax_compilation_cache_dir', old)
     cc.reset_cache()

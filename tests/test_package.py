@@ -44,11 +44,19 @@ def test_dependencies_point_one_way(sub):
 
 
 def test_pip_install_editable_in_a_fresh_virtual_environment(tmp_path):
-    """A new venv (seeing the installed dependencies, so nothing large is fetched) takes
-    `pip install -e .`; the package then imports from anywhere, without path tricks."""
+    """A new venv takes `pip install -e .`; the package then imports from anywhere, without
+    path tricks. The venv sees the packages of the interpreter running the tests (a .pth
+    file naming its site-packages, so nothing large is fetched), wherever those were
+    installed: the system's, a user's or a virtual environment's."""
+    import site
     venv = tmp_path / 'venv'
-    subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=120)
     python = str(venv / 'bin' / 'python')
+    inner = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                           capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    ours = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    with open(os.path.join(inner, 'runner_site_packages.pth'), 'w') as f:
+        f.write('\n'.join(ours) + '\n')
     install = subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', '-e', ROOT], capture_output=True,
                              text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
