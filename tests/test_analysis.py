@@ -134,7 +134,7 @@ def test_seed_aggregation_by_hand():
     assert single == dict(mean=0.25, std=0.0, min=0.25, max=0.25, n=1)
     assert len(groups['lstm'].runs) == 3  # the failed run is not averaged
     md = tables.groups_markdown(list(groups.values()), by, ['test/accuracy', 'test/loss'])
-    assert '| lstm | 3 | 0.7 ± 0.2 | 1.5 ± 0.71 (n=2) | 1k |' in md
+    assert '| lstm | 3 | unknown | 0.7 ± 0.2 | 1.5 ± 0.71 (n=2) | 1k |' in md  # no convergence recorded
 
 
 def _tuned(family, lr, seed, acc, loss):
@@ -317,7 +317,7 @@ def make_isoflop_sweep(root):
     E, A, alpha, B, beta = 1.69, 406.4, 0.34, 410.7, 0.28
     g = ((alpha * A) / (beta * B)) ** (1 / (alpha + beta))
     sizes = np.geomspace(1e5, 1e9, 17)
-    rng = np.random.default_rng(0)
+    rng, eval_rng = np.random.default_rng(0), np.random.default_rng(1)
     os.makedirs(root)
     trials = []
     for family, shift in (('transformer', 1.0), ('lstm', 1.1)):
@@ -332,7 +332,8 @@ def make_isoflop_sweep(root):
                 trials.append(trial)
                 os.makedirs(os.path.join(root, trial['dir']))
                 record = {'status': 'done', 'name': trial['name'], 'kind': 'lm', 'config': dict(over),
-                          'metrics': {'test/loss': loss}, 'params_non_embedding': n,
+                          'metrics': {'test/loss': loss, 'eval/loss': loss * (1 + 0.002 * eval_rng.standard_normal())},
+                          'params_non_embedding': n,
                           'train_flops': budget * (1 + 0.01 * rng.standard_normal()), 'tokens': tokens}
                 with open(os.path.join(root, trial['dir'], 'results.json'), 'w') as f:
                     json.dump(record, f)
@@ -349,7 +350,7 @@ def test_write_report_on_an_isoflop_sweep(tmp_path):
         law = fit['isoflop']['law']
         assert law['ok'] and law['n_points'] == 4 and abs(law['params']['a'] - exponent) < 0.03
         assert all(p['ok'] for p in fit['isoflop']['parabolas'])
-        assert 'lowest loss at each size' in fit['notes'][0]
+        assert 'at each size the training length (train.flops_budget) with the lowest eval/loss' in fit['notes'][0]
     report = open(out['paths']['report_md']).read()
     assert 'transformer: N*(C) = ' in report and 'from 4 of 4 budgets' in report
 
@@ -492,3 +493,161 @@ def test_a_report_checks_each_metric_the_spec_names_for_reproduction(tmp_path):
     with pytest.raises(UserError, match='unknown key'):
         analysis.write_report([first], str(tmp_path / 'bad'), {'plots': [], 'reproduces': ['test/loss']})
 
+
+
+# --- selection on validation, never on test ---------------------------------------------
+
+def _lr_record(size, lr, seed, dep):
+    """lr 1e-2 is the better one on test; on validation 1e-3 is, by the mean over seeds
+    (seed 0 of 1e-2 alone beats both seeds of 1e-3 there)."""
+    E, A, alpha = LAWS['transformer']
+    n = SIZES[size]
+    base = E + A * n ** -alpha
+    if lr == 1e-3:
+        val_loss, test_loss, val_acc, test_acc = base, 1.05 * base, 0.80, 0.60
+    else:
+        val_loss, test_loss = base * (0.99, 1.05)[seed], 0.95 * base
+        val_acc, test_acc = (0.85, 0.65)[seed], 0.90
+    config = {'model.name': 'transformer', 'model.size': size, 'optim.learning_rate': lr, 'task.name': 'mqar',
+              'task.dependency_length': dep, 'train.seed': seed}
+    return {'status': 'done', 'name': f'{size}-{lr}-{dep}-{seed}', 'config': config, 'step': 100,
+            'metrics': {'eval/loss': val_loss, 'test/loss': test_loss, 'eval/accuracy': val_acc,
+                        'test/accuracy': test_acc},
+            'params_non_embedding': n, 'train_flops': 6 * n * 3200, 'tokens': 3200}
+
+
+def _write_sweep(root, records, swept):
+    os.makedirs(root)
+    trials = []
+    for i, record in enumerate(records):
+        overrides = {f: record['config'][f] for f in swept}
+        trials.append(dict(index=i, name=record['name'], dir=f't{i}', overrides=overrides))
+        os.makedirs(os.path.join(root, f't{i}'))
+        with open(os.path.join(root, f't{i}', 'results.json'), 'w') as f:
+            json.dump(record, f)
+    with open(os.path.join(root, 'sweep.json'), 'w') as f:
+        json.dump({'swept_fields': list(swept), 'trials': trials}, f)
+    return analysis.load_runs([root])
+
+
+LR_SWEPT = ('model.size', 'optim.learning_rate', 'task.dependency_length', 'train.seed')
+
+
+def _lr_sweep(root):
+    return _write_sweep(root, [_lr_record(size, lr, seed, dep) for size in SIZES for lr in (1e-3, 1e-2)
+                               for dep in (16, 64) for seed in (0, 1)], LR_SWEPT)
+
+
+def test_validation_twin_of_each_metric():
+    assert tables.validation_metric('test/accuracy') == 'eval/accuracy'
+    assert tables.validation_metric('test/dep_64/accuracy') == 'eval/dep_64/accuracy'
+    assert tables.validation_metric('test/loss') == 'eval/loss'
+    assert tables.validation_metric('eval/exact_match') == 'eval/exact_match'
+    assert tables.validation_metric('best/eval/loss') == 'best/eval/loss'
+    with pytest.raises(UserError, match='no validation metric'):
+        tables.validation_metric('train/loss')
+
+
+def test_tuned_values_are_chosen_on_validation_and_show_their_test_metric(tmp_path):
+    from flaxformer_lite.analysis import plots_metrics, report
+    runs = _lr_sweep(str(tmp_path / 'lr'))
+    mean = lambda lr, m: np.mean([r.number(m) for r in runs if r.config['optim.learning_rate'] == lr])  # noqa: E731
+    assert mean(1e-2, 'test/accuracy') > mean(1e-3, 'test/accuracy')  # test would pick 1e-2 ...
+    assert mean(1e-2, 'test/loss') < mean(1e-3, 'test/loss')
+    assert max(r.number('eval/accuracy') for r in runs) == 0.85  # ... and so would the best single seed
+    for metric in ('test/accuracy', 'test/loss'):
+        kept = tables.keep_best_tuned(runs, ['optim.learning_rate'], ['model.size', 'task.dependency_length'],
+                                      metric)
+        assert {r.config['optim.learning_rate'] for r in kept} == {1e-3}
+        assert len(kept) == len(SIZES) * 2 * 2  # every seed of the chosen value
+    # The fits: one point per size and seed, the test loss of the runs chosen on eval/loss.
+    chosen = set()
+    fits = analysis.analyse(runs, 'test/loss', n_boot=10, chosen=chosen)
+    assert len(fits) == 2 and chosen == {('optim.learning_rate', 'test/loss'), ('the L(C) frontier', 'test/loss')}
+    for fit in fits:
+        expected = sorted(r.number('test/loss') for r in runs if r.config['optim.learning_rate'] == 1e-3
+                          and r.config['task.dependency_length'] == fit.context['task.dependency_length'])
+        assert sorted(fit.loss) == pytest.approx(expected)
+    # The plot: each point is the mean test accuracy of the runs chosen on eval/accuracy.
+    chosen = set()
+    fig = plots_metrics.plot_metric_vs_x(runs, 'test/accuracy', 'task.dependency_length', ['model.size'], {},
+                                         chosen=chosen)
+    ys = [y for c in fig.axes[0].containers for y in c.lines[0].get_ydata()]
+    assert len(ys) == len(SIZES) * 2 and ys == pytest.approx([0.60] * len(ys))
+    assert chosen == {('optim.learning_rate', 'test/accuracy')}
+    # choose() reads a test metric as its validation twin and shows the test metric of the choice.
+    (row,) = report.choose(runs, 'optim.learning_rate', 'test/accuracy', ['model.name'])
+    assert row['optim.learning_rate'] == 1e-3 and row['eval/accuracy'] == pytest.approx(0.80)
+    assert row['test/accuracy'] == pytest.approx(0.60)
+    # The report says what chose what.
+    out = analysis.write_report([str(tmp_path / 'lr')], str(tmp_path / 'report'),
+                                {'bootstrap': 10, 'plots': ['accuracy_vs_dependency_length', 'loss_vs_params']})
+    text = open(out['paths']['report_md']).read()
+    line = next(line for line in text.splitlines() if line.startswith('- best values kept'))
+    assert 'optim.learning_rate by `eval/accuracy`, showing their `test/accuracy`' in line
+    assert 'optim.learning_rate by `eval/loss`, showing their `test/loss`' in line
+    assert 'the test split chooses nothing' in line
+
+
+def test_a_run_without_the_validation_metric_is_an_error_not_a_fallback(tmp_path):
+    runs = _lr_sweep(str(tmp_path / 'lr'))
+    lacking = next(r for r in runs if r.config['optim.learning_rate'] == 1e-2 and r.config['model.size'] == 'mini')
+    del lacking.record['metrics']['eval/accuracy']
+    with pytest.raises(UserError) as e:
+        tables.keep_best_tuned(runs, ['optim.learning_rate'], ['model.size', 'task.dependency_length'],
+                               'test/accuracy')
+    assert lacking.name in str(e.value) and 'reports no eval/accuracy' in str(e.value)
+    # one value of the tuned field in a setting: nothing is chosen, nothing is needed
+    alone = [r for r in runs if r.config['optim.learning_rate'] == 1e-2]
+    assert tables.keep_best_tuned(alone, ['optim.learning_rate'], ['model.size'], 'test/accuracy') == alone
+
+
+def test_the_training_length_of_each_size_is_chosen_on_validation(tmp_path):
+    records = []
+    for size, n in SIZES.items():
+        for steps in (100, 200):  # the longer run is better on test and worse on validation
+            base = 2.0 + 300 * n ** -0.3
+            records.append({'status': 'done', 'name': f'{size}-{steps}', 'step': steps,
+                            'config': {'model.name': 'lstm', 'model.size': size, 'train.steps': steps},
+                            'metrics': {'eval/loss': base * (1.0 if steps == 100 else 1.1),
+                                        'test/loss': base * (1.05 if steps == 100 else 0.9)},
+                            'params_non_embedding': n, 'train_flops': 6 * n * 32 * steps})
+    runs = _write_sweep(str(tmp_path / 'steps'), records, ('model.size', 'train.steps'))
+    (fit,) = analysis.analyse(runs, 'test/loss', n_boot=10)
+    expected = sorted(r.number('test/loss') for r in runs if r.config['train.steps'] == 100)
+    assert sorted(fit.loss) == pytest.approx(expected)
+    assert 'with the lowest eval/loss, and its test/loss' in fit.notes[0]
+
+
+# --- convergence ------------------------------------------------------------------------
+
+def test_rows_with_a_run_still_improving_are_marked(tmp_path):
+    sweep = str(tmp_path / 'sweep')
+    trials = make_sweep(sweep, families=('lstm',), sizes=('tiny', 'mini'), deps=(16,), seeds=(0, 1, 2))
+    verdicts = {('tiny', 0): 'still_improving', ('tiny', 2): None,  # None: a record from before the check
+                ('mini', 0): 'converged', ('mini', 1): 'converged', ('mini', 2): 'converged'}
+    for trial in trials:
+        path = os.path.join(sweep, trial['dir'], 'results.json')
+        if not os.path.exists(path):
+            continue
+        record = json.load(open(path))
+        status = verdicts.get((trial['overrides']['model.size'], trial['overrides']['train.seed']), 'converged')
+        if status and record['status'] == 'done':
+            record['convergence'] = {'status': status, 'metric': 'eval/loss', 'points': 5,
+                                     'slope_per_1k_steps': -0.5 if status == 'still_improving' else 0.0,
+                                     'rule': 'the rule'}
+            json.dump(record, open(path, 'w'))
+    runs = analysis.load_runs([sweep])
+    assert [r.convergence for r in runs if r.config['model.size'] == 'tiny'] == \
+        ['still_improving', 'unknown', 'unknown']  # seed 1 pending: no record at all
+    out = analysis.write_report([sweep], str(tmp_path / 'report'), {'plots': [], 'fits': False})
+    text = open(out['paths']['report_md']).read()
+    assert '| lstm | tiny | 16 | 2 | 0/2 † (1 unknown) | ' in text  # one still improving, one without a verdict
+    assert '| lstm | mini | 16 | 2 | 2/2 | ' in text  # the failed seed is not a run of the row
+    legend = next(line for line in text.splitlines() if line.startswith('`converged`'))
+    assert '† marks a row where a run was still improving' in legend and legend.endswith('Rule: the rule.')
+    rows = {(r['model.size'], r['train.seed']): r for r in csv.DictReader(open(out['paths']['results_csv']))}
+    assert rows[('tiny', '0')]['convergence'] == 'still_improving' and rows[('tiny', '1')]['convergence'] == ''
+    aggregated = {r['model.size']: r for r in csv.DictReader(open(out['paths']['aggregated_csv']))}
+    assert (aggregated['tiny']['n_converged'], aggregated['tiny']['n_still_improving'],
+            aggregated['tiny']['n_unknown']) == ('0', '1', '1')

@@ -7,10 +7,11 @@ report runs anywhere the run folders are. `launch.py --report` calls `write_repo
     out = analysis.write_report(['runs/tvl'], 'runs/tvl/report')
     out['summary']['fits']   # every fit as numbers, or with the reason it was not fitted
 
-The folder then holds `report.md` (what was read, the seed-aggregated table, each fit with
-its interval and number of points, the plots, failed and pending trials), `results.csv`,
-`results.md` (one row per trial), `aggregated.csv` (mean, std, min, max, n per metric over
-seeds), `results.json` (all of it), one PNG per plot, and a TensorBoard event file with
+The folder then holds `report.md` (what was read, the seed-aggregated table with how many
+runs of each row had converged, each fit with its interval and number of points, the
+plots, failed and pending trials), `results.csv`, `results.md` (one row per trial),
+`aggregated.csv` (mean, std, min, max, n per metric over seeds), `results.json` (all of
+it), one PNG per plot, and a TensorBoard event file with
 the plots under `report/<plot>` and report.md as text. The table states the spread a
 rerun is held to (the task metric's prediction interval for the mean of as many other
 seeds); a report over several sweeps of the same settings (seeds 0-2, then 3-5) adds a
@@ -25,7 +26,8 @@ section checking each against the other (`reproduce.py`).
     x            config field on the accuracy plot's x axis (default 'task.dependency_length')
     group        fields that make one line of the accuracy plots (default model.name, model.size)
     table_group  fields the aggregated table groups by (default every swept field but seeds)
-    tuned        fields tuned per point, keeping their best value (default: swept optim.*)
+    tuned        fields tuned per point, keeping their best value (default: swept optim.*),
+                 chosen on the validation twin of the metric (eval/loss for test/loss)
     plots        names to draw (default: every plot whose data exists): loss_vs_params,
                  loss_vs_compute, isoflop, optimal_params ('scaling' means these four),
                  accuracy_vs_dependency_length, length_generalization, loss_by_position

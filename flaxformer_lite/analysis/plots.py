@@ -200,7 +200,7 @@ def plot_loss_vs_compute(scalings: Sequence[Scaling], colors: dict, runs: Sequen
         log_y(ax, np.concatenate([s.compute_loss for s in members]))
         ax.grid(alpha=0.3, which='both')
         legend(ax)
-    finish(fig, 'Loss against training compute (frontier: lowest loss at or below each C)')
+    finish(fig, 'Loss against training compute (frontier: lowest validation loss at or below each C)')
     return fig
 
 

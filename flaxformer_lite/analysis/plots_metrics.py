@@ -4,7 +4,9 @@ against position in the context, and learning curves (an eval metric against the
 
 Lines are one per `group` (default family and size) and per any other swept field that
 is not the x axis (or set by it, like `task.seq_len` from the dependency length), a
-seed, or a tuned field (swept `optim.*`: each point keeps its best value); points are means over seeds with error bars (std, or min to max).
+seed, or a tuned field (swept `optim.*`: each point keeps the value best on the validation
+twin of the metric, `tables.keep_best_tuned`); points are means over seeds with error bars
+(std, or min to max).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def _panelled(done: Sequence[Run], panel_by: Sequence[str], fields: Sequence[str
 
 
 def plot_metric_vs_x(runs: Sequence[Run], metric: str, x: str, group: Sequence[str], colors: dict, *,
-                     error: str = 'std') -> Figure:
+                     error: str = 'std', chosen: set | None = None) -> Figure:
     """`metric` against config field `x`, one panel per task, one line per group."""
     done = [r for r in runs if r.status == 'done' and r.number(metric) is not None and r.number(x) is not None]
     if len({r.number(x) for r in done}) < 2:
@@ -143,7 +145,7 @@ def plot_metric_vs_x(runs: Sequence[Run], metric: str, x: str, group: Sequence[s
     panel_by = ['task.name'] if len({r.config.get('task.name') for r in done}) > 1 else []
     fields = _line_fields(done, group, [x] + panel_by)
     tuned = [f for f in varying_fields(done) if f.startswith('optim.')]
-    done = keep_best_tuned(done, tuned, panel_by + fields + [x], metric)
+    done = keep_best_tuned(done, tuned, panel_by + fields + [x], metric, chosen)
     def draw(ax, line, **style):
         by_x = group_runs(line, [x])
         xs = sorted(k[0] for k in by_x)
@@ -176,7 +178,8 @@ def length_points(run: Run, metric: str, x: str = 'task.dependency_length') -> d
 
 
 def plot_length_generalization(runs: Sequence[Run], metric: str, group: Sequence[str], colors: dict, *,
-                               x: str = 'task.dependency_length', error: str = 'std') -> Figure:
+                               x: str = 'task.dependency_length', error: str = 'std',
+                               chosen: set | None = None) -> Figure:
     """`metric` at each evaluated dependency length, one panel per (task, trained length)."""
     done = [r for r in runs if r.status == 'done' and len(length_points(r, metric, x)) >= 2]
     if not done:
@@ -185,7 +188,7 @@ def plot_length_generalization(runs: Sequence[Run], metric: str, group: Sequence
     panel_by = (['task.name'] if len({r.config.get('task.name') for r in done}) > 1 else []) + [x]
     fields = _line_fields(done, group, panel_by)
     tuned = [f for f in varying_fields(done) if f.startswith('optim.')]
-    done = keep_best_tuned(done, tuned, panel_by + fields, metric)
+    done = keep_best_tuned(done, tuned, panel_by + fields, metric, chosen)
     def draw(ax, line, **style):
         per_run = [length_points(r, metric, x) for r in line]
         xs = sorted({L for p in per_run for L in p})

@@ -63,7 +63,7 @@ def resolve_spec(spec: Mapping[str, Any] | None, runs: Sequence[Run]) -> dict[st
 
 
 def _plot_builders(spec: Mapping[str, Any], runs: Sequence[Run], fits: Sequence[scaling.Scaling] | None,
-                   colors: dict, fits_skip: str) -> dict[str, Callable[[], Any]]:
+                   colors: dict, fits_skip: str, chosen: set) -> dict[str, Callable[[], Any]]:
     def scaling_plot(fn):
         def build():
             if fits is None:
@@ -72,9 +72,9 @@ def _plot_builders(spec: Mapping[str, Any], runs: Sequence[Run], fits: Sequence[
         return build
     out: dict[str, Callable[[], Any]] = {name: scaling_plot(fn) for name, fn in plots.SCALING_PLOTS.items()}
     out['accuracy_vs_dependency_length'] = lambda: plots_metrics.plot_metric_vs_x(
-        runs, spec['metric'], spec['x'], spec['group'], colors, error=spec['error_bars'])
+        runs, spec['metric'], spec['x'], spec['group'], colors, error=spec['error_bars'], chosen=chosen)
     out['length_generalization'] = lambda: plots_metrics.plot_length_generalization(
-        runs, spec['metric'], spec['group'], colors, error=spec['error_bars'])
+        runs, spec['metric'], spec['group'], colors, error=spec['error_bars'], chosen=chosen)
     curves = sorted({k for r in runs if r.status == 'done' for k in (r.record.get('curves') or {})
                      if k.endswith('/loss_by_position')})
     curve = 'test/loss_by_position' if 'test/loss_by_position' in curves or not curves else curves[0]
@@ -107,7 +107,7 @@ def _write_events(out_dir: str, images: Mapping[str, tuple[bytes, int, int]], ma
     return out_dir
 
 
-def _read_section(paths: Sequence[str], runs: Sequence[Run], spec: Mapping[str, Any]) -> list[str]:
+def _read_section(paths: Sequence[str], runs: Sequence[Run], spec: Mapping[str, Any], chosen: set) -> list[str]:
     counts = count_by_status(runs)
     sweeps = sorted({r.sweep for r in runs if r.sweep})
     singles = sum(r.sweep is None for r in runs)
@@ -119,6 +119,8 @@ def _read_section(paths: Sequence[str], runs: Sequence[Run], spec: Mapping[str, 
     lines.append(f'- {len(runs)} trial{"s" * (len(runs) != 1)} from {" and ".join(what)}: '
                  + ', '.join(f'{n} {s}' for s, n in counts.items()))
     lines.append(f'- loss: `{spec["loss_metric"]}` (final value); task metric: `{spec["metric"]}`')
+    if (selection := tables.selection_line(chosen)) is not None:
+        lines.append(selection)
     if versions:
         lines.append(f'- code version{"s" * (len(versions) > 1)}: {", ".join(versions)}')
     return lines + ['']
@@ -131,7 +133,7 @@ def _fits_section(fits: Sequence[scaling.Scaling] | None, skip: str, spec: Mappi
     lines += [f'L = E + A x^-alpha fitted as in Hoffmann et al. (2022, Appendix D.2): Huber loss '
               f'(delta 1e-3) on log L, L-BFGS-B from a grid of starts; {spec["level"]:g}% percentile '
               f'intervals from {spec["bootstrap"]} bootstrap resamples (seed {spec["seed"]}). '
-              f'N: non-embedding parameters; C: training FLOPs (fitted on the Pareto frontier); '
+              f'N: non-embedding parameters; C: training FLOPs (fitted on the Pareto frontier of the validation loss); '
               f'N*(C): minima of parabolas in log N at each compute budget, fitted in log-log.', '']
     for s in fits:
         lines += [f'- {line}' for line in scaling.describe(s)]
@@ -161,7 +163,14 @@ def choose(runs: Sequence[Run], field: str, metric: str, group: Sequence[str], t
            ) -> list[dict[str, Any]]:
     """For each group (e.g. family and size), the value of `field` (e.g. the learning
     rate) whose finished runs have the best mean `metric` (ties: the best mean `tie`):
-    how an experiment file's tuned settings are chosen and reproduced."""
+    how an experiment file's tuned settings are chosen and reproduced. Both are read as
+    their validation twins (`tables.validation_metric`: test/accuracy chooses by
+    eval/accuracy); a row also gets the mean test metric of the runs chosen, where they
+    report it."""
+    metric = tables.validation_metric(metric)
+    tie = tables.validation_metric(tie) if tie else None
+    test = 'test/' + metric[len('eval/'):] if metric.startswith('eval/') else None
+
     def sign(name: str) -> float:
         return -1.0 if tables.lower_is_better(name) else 1.0
 
@@ -177,8 +186,10 @@ def choose(runs: Sequence[Run], field: str, metric: str, group: Sequence[str], t
             mean = lambda m: sum(r.number(m) or 0.0 for r in members) / len(members)  # noqa: E731
             return (sign(metric) * mean(metric), sign(tie) * mean(tie) if tie else 0.0)
         best = max(options, key=score)
+        shown = tables.summarize(r.number(test) for r in options[best]) if test else None
         rows.append({**dict(zip(group, key)), field: best, metric: abs(score(best)[0]),
-                     **({tie: abs(score(best)[1])} if tie else {}), 'candidates': len(options)})
+                     **({tie: abs(score(best)[1])} if tie else {}), **({test: shown['mean']} if shown else {}),
+                     'candidates': len(options)})
     return rows
 
 
@@ -186,16 +197,17 @@ def _choose_section(runs: Sequence[Run], spec: Mapping[str, Any]) -> tuple[list[
     c = spec.get('choose')
     if not c:
         return [], []
-    group, metric, tie = list(c.get('group', spec['group'])), c.get('metric', spec['metric']), c.get('tie')
+    group, tie = list(c.get('group', spec['group'])), c.get('tie')
+    metric = tables.validation_metric(c.get('metric', spec['metric']))
+    tie = tables.validation_metric(tie) if tie else None
     rows = choose(runs, c['field'], metric, group, tie)
     rule = f"the best mean {metric}" + (f" (ties: the best {tie})" if tie else '')
-    md = [f"## Chosen {c['field']}", '', f'For each {", ".join(group)}: {rule}.', '',
-          '| ' + ' | '.join(group + [c['field'], metric] + ([tie] if tie else [])) + ' |',
-          '|' + '---|' * (len(group) + 2 + bool(tie))]
-    for row in rows:
-        md.append('| ' + ' | '.join(str(tables.fmt(row[k])) for k in group + [c['field'], metric] + ([tie] if tie
-                                                                                                else [])) + ' |')
-    return md + [''], rows
+    test = 'test/' + metric[len('eval/'):] if metric.startswith('eval/') else None
+    columns = group + [c['field'], metric] + ([tie] if tie else []) + ([test] if any(test in r for r in rows) else [])
+    shown = f'; `{test}`: the mean of the runs chosen, shown only (it chooses nothing)' if test in columns else ''
+    md = [f"## Chosen {c['field']}", '', f'For each {", ".join(group)}: {rule}{shown}.', '']
+    md.append(tables.markdown_table(columns, [[tables.fmt(row.get(k)) for k in columns] for row in rows]))
+    return md, rows
 
 
 def _problems_section(runs: Sequence[Run]) -> list[str]:
@@ -227,17 +239,18 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
         f.write('# All trials\n\n' + tables.trials_markdown(runs))
 
     fits, fits_skip = None, ''
+    selected: set = set()  # (what was chosen on validation, the metric reported)
     if not spec['fits']:
         fits_skip = 'the report spec turns fits off (fits=False)'
     else:
         fits = scaling.analyse(runs, spec['loss_metric'], tuned=spec['tuned'], n_boot=int(spec['bootstrap']),
-                               seed=int(spec['seed']), level=float(spec['level']))
+                               seed=int(spec['seed']), level=float(spec['level']), chosen=selected)
         if not fits:
             fits, fits_skip = None, (f'no model family has finished runs reporting {spec["loss_metric"]} '
                                      f'at two or more sizes')
 
     colors = plots.family_colors(r.family for r in runs)
-    builders = _plot_builders(spec, runs, fits, colors, fits_skip)
+    builders = _plot_builders(spec, runs, fits, colors, fits_skip, selected)
     images, written, skipped = {}, {}, {}
     for name in list(PLOT_TITLES) if spec['plots'] is None else spec['plots']:
         try:
@@ -258,7 +271,7 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     metrics = chosen + metrics  # the metrics the report is about (eval/* when tuning), then the test ones
     if spec['table_metrics']:  # the spec names the summary table's columns (per-length ones, say)
         metrics = list(spec['table_metrics'])
-    md = [f'# {title}', ''] + _read_section(paths, runs, spec)
+    md = [f'# {title}', ''] + _read_section(paths, runs, spec, selected)
     level = float(spec['level'])
     interval = spec['metric'] if spec['metric'] in metrics else None
     md += ['## Results', '', f'Mean ± std over seeds; `runs` is the number of finished runs in each row. '
@@ -268,6 +281,7 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
            + f'Every trial: [results.md](results.md), [results.csv](results.csv); aggregates: '
            f'[aggregated.csv](aggregated.csv), [results.json](results.json).', '']
     md += [tables.groups_markdown(groups, by, metrics, interval, level) if groups else 'No finished runs yet.\n']
+    md += [tables.convergence_legend(runs), ''] if groups else []
     reproduction: list[dict] = []
     for i, metric in enumerate((spec['reproduce'] or [spec['metric']]) if several_sweeps(runs) else []):
         rows_of = reproduce.compare(runs, by, metric, level)

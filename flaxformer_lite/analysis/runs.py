@@ -18,6 +18,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from flaxformer_lite.errors import UserError
 
 STATUSES = ('done', 'failed', 'running', 'pending')
+# results.json's `convergence.status`: whether the validation loss was still improving over
+# the last quarter of training (records written before it was recorded: unknown).
+CONVERGENCE = ('converged', 'still_improving', 'unknown')
 SEED_FIELDS = ('train.seed', 'task.seed')
 # Top-level numbers of results.json that tables and fits read like metrics.
 RECORD_NUMBERS = ('params_total', 'params_embedding', 'params_non_embedding', 'flops_per_token',
@@ -53,6 +56,13 @@ class Run:
     @property
     def metrics(self) -> dict[str, Any]:
         return self.record.get('metrics') or {}
+
+    @property
+    def convergence(self) -> str:
+        """converged | still_improving | unknown (no record of it, or too few evaluations)."""
+        record = self.record.get('convergence')
+        status = record.get('status') if isinstance(record, Mapping) else None
+        return status if status in CONVERGENCE else 'unknown'
 
     @property
     def error(self) -> str:

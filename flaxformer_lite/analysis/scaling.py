@@ -3,9 +3,13 @@ swept fields (a sweep over dependency lengths gets one law per length).
 
 - L(N): final loss against non-embedding parameters. Tuned fields (swept `optim.*`, for
   example the learning rate) keep their best value at each size; where the runs also
-  vary in training length, each size keeps the lowest loss it reached over lengths.
+  vary in training length, each size keeps the length with the lowest loss.
 - L(C): the Pareto frontier of loss against training FLOPs (lowest loss at or below each
   compute), fitted with the same law.
+
+Every such choice is made on the validation twin of the fitted loss (`eval/loss` for
+`test/loss`, `tables.validation_metric`), and the fit takes the fitted loss of the runs
+chosen: the test split chooses nothing.
 - IsoFLOP: runs grouped by compute budget (`train.flops_budget` where recorded, else
   train_flops rounded to 2 significant digits), a parabola in log N per budget, N* ∝ C^a.
 """
@@ -19,7 +23,7 @@ import numpy as np
 
 from flaxformer_lite.analysis import fits
 from flaxformer_lite.analysis.runs import SEED_FIELDS, Run, hashable, varying_fields
-from flaxformer_lite.analysis.tables import group_runs, keep_best_tuned
+from flaxformer_lite.analysis.tables import group_runs, keep_best_tuned, validation_metric, validation_score
 
 # Fields that change how much a run trains, not what it learns.
 COMPUTE_FIELDS = ('train.steps', 'train.flops_budget', 'train.batch_size', 'train.tokens')
@@ -80,22 +84,24 @@ def _compute_fields(runs: Sequence[Run]) -> list[str]:
     return [f for f in varying_fields(runs) if f in COMPUTE_FIELDS]
 
 
-def _params_points(runs: Sequence[Run], metric: str, tuned: Sequence[str],
-                   notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _params_points(runs: Sequence[Run], metric: str, tuned: Sequence[str], notes: list[str],
+                   chosen: set | None = None) -> tuple[np.ndarray, np.ndarray]:
     compute = _compute_fields(runs)
     runs = [r for r in runs if (r.number('params_non_embedding') or 0) > 0]
-    runs = keep_best_tuned(runs, tuned, ['params_non_embedding'] + compute, metric)
+    runs = keep_best_tuned(runs, tuned, ['params_non_embedding'] + compute, metric, chosen)
     if compute:
         by_size = group_runs(runs, ['params_non_embedding'] + list(SEED_FIELDS))
         if any(len(group_runs(g, compute)) > 1 for g in by_size.values()):
-            notes.append(f'L(N) takes the lowest loss at each size over the training lengths '
-                         f'({", ".join(compute)})')
-            runs = [min(g, key=lambda r: r.number(metric)) for g in by_size.values()]
+            notes.append(f'L(N) takes at each size the training length ({", ".join(compute)}) with the lowest '
+                         f'{validation_metric(metric)}, and its {metric}')
+            runs = [min(g, key=lambda r: validation_score([r], metric, 'the training length of L(N)', chosen))
+                    for g in by_size.values()]
     return (np.array([r.number('params_non_embedding') for r in runs], dtype=float),
             np.array([r.number(metric) for r in runs], dtype=float))
 
 
-def _isoflop_data(runs: Sequence[Run], metric: str, tuned: Sequence[str]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+def _isoflop_data(runs: Sequence[Run], metric: str, tuned: Sequence[str],
+                  chosen: set | None = None) -> dict[float, tuple[np.ndarray, np.ndarray]]:
     """{budget: (N, loss)} for budgets holding 3 or more sizes."""
     by_budget: dict[float, list[Run]] = {}
     for run in runs:
@@ -104,7 +110,7 @@ def _isoflop_data(runs: Sequence[Run], metric: str, tuned: Sequence[str]) -> dic
             by_budget.setdefault(b, []).append(run)
     out = {}
     for b, members in sorted(by_budget.items()):
-        members = keep_best_tuned(members, tuned, ['params_non_embedding'], metric)
+        members = keep_best_tuned(members, tuned, ['params_non_embedding'], metric, chosen)
         if len({r.number('params_non_embedding') for r in members}) < 3:
             continue
         recorded = members[0].number('train.flops_budget')
@@ -115,8 +121,9 @@ def _isoflop_data(runs: Sequence[Run], metric: str, tuned: Sequence[str]) -> dic
 
 
 def analyse(runs: Sequence[Run], loss_metric: str, *, tuned: Sequence[str] | None = None, n_boot: int = 300,
-            seed: int = 0, level: float = 95.0) -> list[Scaling]:
-    """The scaling fits of every (family, setting) whose finished runs span 2 or more sizes."""
+            seed: int = 0, level: float = 95.0, chosen: set | None = None) -> list[Scaling]:
+    """The scaling fits of every (family, setting) whose finished runs span 2 or more sizes;
+    `chosen` (when given) collects what was chosen on validation, and by which metric."""
     done = [r for r in runs if r.status == 'done' and r.number(loss_metric) is not None]
     if tuned is None:
         tuned = [f for f in varying_fields(done) if f.startswith('optim.')]
@@ -126,15 +133,17 @@ def analyse(runs: Sequence[Run], loss_metric: str, *, tuned: Sequence[str] | Non
         if len({r.number('params_non_embedding') for r in members} - {None}) < 2:
             continue
         notes: list[str] = []
-        n, loss = _params_points(members, loss_metric, tuned, notes)
+        n, loss = _params_points(members, loss_metric, tuned, notes, chosen)
         params_fit = fits.fit_power_law(n, loss, n_boot=n_boot, seed=seed, level=level)
         with_c = [r for r in members if (r.number('train_flops') or 0) > 0]
         c = np.array([r.number('train_flops') for r in with_c], dtype=float)
         c_loss = np.array([r.number(loss_metric) for r in with_c], dtype=float)
-        frontier = fits.pareto_frontier(c, c_loss) if len(c) else np.zeros(0, dtype=int)
-        compute_fit = (fits.fit_power_law(c[frontier], c_loss[frontier], n_boot=n_boot, seed=seed, level=level)
-                       if len(set(c)) >= 2 else None)
-        iso_data = _isoflop_data(members, loss_metric, tuned)
+        compute_fit, frontier = None, np.zeros(0, dtype=int)
+        if len(set(c)) >= 2:  # the frontier of the validation loss; the fit to those runs' loss_metric
+            chooser = [validation_score([r], loss_metric, 'the L(C) frontier', chosen) for r in with_c]
+            frontier = fits.pareto_frontier(c, chooser)
+            compute_fit = fits.fit_power_law(c[frontier], c_loss[frontier], n_boot=n_boot, seed=seed, level=level)
+        iso_data = _isoflop_data(members, loss_metric, tuned, chosen)
         isoflop = fits.fit_isoflop(iso_data, n_boot=n_boot, seed=seed, level=level) if iso_data else None
         out.append(Scaling(family=str(key[0]), context=dict(zip(contexts, key[1:])), loss_metric=loss_metric,
                            n=n, loss=loss, params_fit=params_fit, compute=c, compute_loss=c_loss,

@@ -13,16 +13,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from flaxformer_lite.analysis.runs import SEED_FIELDS, Run, hashable, varying_fields
+from flaxformer_lite.analysis.runs import CONVERGENCE, SEED_FIELDS, Run, hashable, varying_fields
+from flaxformer_lite.errors import UserError
 
 NUMBER_COLUMNS = ('params_total', 'params_non_embedding', 'tokens', 'train_flops', 'wall_s')
 COUNT_KEYS = ('params_total', 'params_embedding', 'params_non_embedding', 'tokens', 'tokens_per_example')
 
 
 def field_value(run: Run, field: str) -> Any:
-    """A column of a run: 'sweep', 'name', 'status', or anything `Run.value` knows."""
+    """A column of a run: 'sweep', 'name', 'status', 'convergence' (finished runs), or
+    anything `Run.value` knows."""
     if field == 'sweep':
         return run.sweep or ''
+    if field == 'convergence':
+        return run.convergence if run.status == 'done' else None
     if field in ('name', 'status', 'workdir'):
         return getattr(run, field)
     return run.value(field)
@@ -63,9 +67,9 @@ def table_fields(runs: Sequence[Run]) -> list[str]:
 
 
 def trial_rows(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows): one row per trial, swept values first, then status, final metrics,
-    best values, sizes and cost, then the trial's name and workdir."""
-    columns = (table_fields(runs) + ['status'] + metric_keys(runs) + best_keys(runs)
+    """(columns, rows): one row per trial, swept values first, then status and convergence,
+    final metrics, best values, sizes and cost, then the trial's name and workdir."""
+    columns = (table_fields(runs) + ['status', 'convergence'] + metric_keys(runs) + best_keys(runs)
                + list(NUMBER_COLUMNS) + ['name', 'workdir'])
     return columns, [{c: field_value(r, c) for c in columns} for r in runs]
 
@@ -83,8 +87,30 @@ class Group:
     runs: list[Run]
     stats: dict[str, dict[str, float]]
 
+    @property
+    def convergence(self) -> dict[str, int]:
+        """How many of the runs are converged, still_improving, unknown."""
+        return {c: sum(r.convergence == c for r in self.runs) for c in CONVERGENCE}
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(group=self.values, n_runs=len(self.runs), metrics=self.stats)
+        return dict(group=self.values, n_runs=len(self.runs), convergence=self.convergence, metrics=self.stats)
+
+
+STILL_IMPROVING_MARK = '†'
+
+
+def fmt_convergence(counts: Mapping[str, int]) -> str:
+    """'3/3': runs converged of the row's runs; '2/3 †': one still improving; '2/3 (1
+    unknown)': one without a verdict; 'unknown' where no run has one."""
+    n = sum(counts.values())
+    if counts.get('unknown', 0) == n:
+        return 'unknown'
+    text = f"{counts.get('converged', 0)}/{n}"
+    if counts.get('still_improving', 0):
+        text += f' {STILL_IMPROVING_MARK}'
+    if counts.get('unknown', 0):
+        text += f" ({counts['unknown']} unknown)"
+    return text
 
 
 def summarize(values: Iterable[float]) -> dict[str, float] | None:
@@ -146,20 +172,63 @@ def aggregate(runs: Sequence[Run], by: Sequence[str], keys: Sequence[str] | None
     return out
 
 
-def keep_best_tuned(runs: Sequence[Run], tuned: Sequence[str], by: Sequence[str], metric: str) -> list[Run]:
-    """Within each combination of `by`, only the runs of the `tuned` values (for example
-    the learning rate) whose mean `metric` over seeds is best: one tuned point per setting."""
+def validation_metric(metric: str) -> str:
+    """The metric that chooses wherever `metric` is reported: its validation twin
+    (test/accuracy -> eval/accuracy, test/dep_64/accuracy -> eval/dep_64/accuracy); an
+    eval/ (or best/eval/) metric is its own. The test split never chooses anything."""
+    for test, val in (('test/', 'eval/'), ('best/test/', 'best/eval/')):
+        if metric.startswith(test):
+            return val + metric[len(test):]
+    if metric.startswith(('eval/', 'best/eval/')):
+        return metric
+    raise UserError(f'--report: {metric!r} has no validation metric to choose by; name an eval/ or test/ metric')
+
+
+def validation_score(runs: Sequence[Run], metric: str, chooses: str, chosen: set | None = None) -> float:
+    """The mean over `runs` (the seeds of one candidate) of `metric`'s validation twin,
+    signed so that lower is better. A run without it is an error, never a fallback to
+    test. `chosen` (when given) collects (what was chosen, `metric`) for the report."""
+    chooser = validation_metric(metric)
+    values = []
+    for run in runs:
+        value = run.number(chooser)
+        if value is None:
+            raise UserError(f'--report: run {run.name} ({run.workdir}) reports no {chooser}, which chooses '
+                            f'{chooses} for {metric}; evaluate it again with --eval_only --workdir={run.workdir}')
+        values.append(value)
+    if chosen is not None:
+        chosen.add((chooses, metric))
+    return (1.0 if lower_is_better(chooser) else -1.0) * float(np.mean(values))
+
+
+def keep_best_tuned(runs: Sequence[Run], tuned: Sequence[str], by: Sequence[str], metric: str,
+                    chosen: set | None = None) -> list[Run]:
+    """Within each combination of `by`, only the runs (every seed) of the `tuned` values
+    (for example the learning rate) whose mean over seeds of the validation twin of
+    `metric` is best: one tuned point per setting, chosen on validation, whose reported
+    `metric` (a test one) is then that of the chosen runs."""
     if not tuned:
         return list(runs)
-    sign = 1.0 if lower_is_better(metric) else -1.0
     kept = []
     for members in group_runs(runs, by).values():
-        options = group_runs(members, tuned)
-        scored = [(sign * s['mean'], i) for i, opt in enumerate(options.values())
-                  if (s := summarize(r.number(metric) for r in opt)) is not None]
-        if scored:
-            kept.extend(list(options.values())[min(scored)[1]])
+        options = list(group_runs(members, tuned).values())
+        if len(options) > 1:
+            scores = [validation_score(opt, metric, ', '.join(tuned), chosen) for opt in options]
+            options = [options[int(np.argmin(scores))]]  # ties: the first seen
+        kept.extend(options[0])
     return kept
+
+
+def selection_line(chosen: set) -> str | None:
+    """report.md's line saying what chose each best value the report kept (None: none kept)."""
+    if not chosen:
+        return None
+    parts = []
+    for what, metric in sorted(chosen):
+        shown = '' if validation_metric(metric) == metric else f', showing their `{metric}`'
+        parts.append(f'{what} by `{validation_metric(metric)}`{shown}')
+    return ('- best values kept, chosen on the validation split (a tuned value: the best mean over its seeds, all '
+            'of them kept): ' + '; '.join(parts) + '; the test split chooses nothing')
 
 
 def _si(x: float) -> str:
@@ -219,7 +288,7 @@ def trials_markdown(runs: Sequence[Run]) -> str:
     """The per-trial table, headline columns only (results.csv has them all)."""
     fields = table_fields(runs)
     metrics = [k for k in metric_keys(runs) if k.count('/') == 1]
-    columns = fields + ['status'] + metrics + ['params_non_embedding', 'train_flops', 'wall_s']
+    columns = fields + ['status', 'convergence'] + metrics + ['params_non_embedding', 'train_flops', 'wall_s']
     if not fields:
         columns = ['name'] + columns
     rows = [[fmt(field_value(r, c), c) for c in columns] for r in runs]
@@ -232,21 +301,34 @@ def interval_column(metric: str, level: float = 95.0) -> str:
 
 def groups_markdown(groups: Sequence[Group], by: Sequence[str], metrics: Sequence[str],
                     interval: str | None = None, level: float = 95.0) -> str:
-    """The seed-aggregated table: mean ± std per metric, and how many runs each row holds;
+    """The seed-aggregated table: mean ± std per metric, how many runs each row holds and
+    how many of them had converged (`fmt_convergence`: † where one was still improving);
     with `interval` (a metric), a column of that metric's `rerun_interval` after it."""
     metrics = list(metrics)
-    columns = list(by) + ['runs'] + metrics + ['params_non_embedding', 'train_flops']
+    columns = list(by) + ['runs', 'converged'] + metrics + ['params_non_embedding', 'train_flops']
     if interval:
-        columns.insert(columns.index(interval) + 1 if interval in columns else len(by) + 1,
+        columns.insert(columns.index(interval) + 1 if interval in columns else len(by) + 2,
                        interval_column(interval, level))
     rows = []
     for g in groups:
         n = len(g.runs)
-        rows.append([fmt(g.values[f], f) for f in by] + [str(n)]
+        rows.append([fmt(g.values[f], f) for f in by] + [str(n), fmt_convergence(g.convergence)]
                     + [fmt_interval(rerun_interval(g.stats.get(interval), interval, level=level))
                        if interval and k == interval_column(interval, level) else fmt_stats(g.stats.get(k), k, n)
-                       for k in columns[len(by) + 1:]])
+                       for k in columns[len(by) + 2:]])
     return markdown_table(columns, rows)
+
+
+def convergence_legend(runs: Sequence[Run]) -> str:
+    """report.md's line under the aggregated table: what `converged` and † mean, and the
+    rule the runs recorded."""
+    rules = sorted({c['rule'] for r in runs if r.status == 'done' and isinstance(c := r.record.get('convergence'),
+                                                                                   Mapping) and c.get('rule')})
+    text = (f'`converged`: how many of the row\'s runs had stopped improving on the validation loss by the end of '
+            f'training; {STILL_IMPROVING_MARK} marks a row where a run was still improving (its values may still '
+            f'move with more steps); unknown: too few evaluations in the last quarter of training, or a record '
+            f'older than the check.')
+    return text + (f' Rule: {"; ".join(rules)}.' if rules else '')
 
 
 def write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -260,14 +342,18 @@ def write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any
 
 
 def groups_csv_rows(groups: Sequence[Group], by: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Flat columns for the aggregate CSV: the group values, n_runs, then KEY/mean ... KEY/n."""
+    """Flat columns for the aggregate CSV: the group values, n_runs, the runs converged,
+    still improving and unknown, then KEY/mean ... KEY/n."""
     keys: list[str] = []
     for g in groups:
         keys.extend(k for k in g.stats if k not in keys)
-    columns = list(by) + ['n_runs'] + [f'{k}/{s}' for k in keys for s in ('mean', 'std', 'min', 'max', 'n')]
+    counts = [f'n_{c}' for c in CONVERGENCE]
+    columns = (list(by) + ['n_runs'] + counts
+               + [f'{k}/{s}' for k in keys for s in ('mean', 'std', 'min', 'max', 'n')])
     rows = []
     for g in groups:
-        row: dict[str, Any] = {**g.values, 'n_runs': len(g.runs)}
+        row: dict[str, Any] = {**g.values, 'n_runs': len(g.runs),
+                               **{f'n_{c}': k for c, k in g.convergence.items()}}
         for k, st in g.stats.items():
             row.update({f'{k}/{s}': v for s, v in st.items()})
         rows.append(row)
