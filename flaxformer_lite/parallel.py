@@ -173,7 +173,12 @@ def per_device_bytes(tree: Any) -> dict[str, int]:
 
 
 def describe_layout(mesh: jax.sharding.Mesh, rules_name: str, params: Any, opt_state: Any, top: int = 5) -> str:
-    """Start-of-run summary: mesh, the largest arrays' shardings, bytes per device."""
+    """Start-of-run summary: mesh, the largest arrays' shardings, bytes per device; on a
+    single device (nothing is sharded) one line with the bytes alone."""
+    if mesh.devices.size == 1:
+        pbytes, obytes = sum(per_device_bytes(params).values()), sum(per_device_bytes(opt_state).values())
+        return (f'1 {mesh.devices.flat[0].platform} device, nothing sharded: parameters {pbytes / 2**20:.2f} MiB, '
+                f'optimizer state {obytes / 2**20:.2f} MiB')
     lines = [f'mesh {dict(mesh.shape)} on {mesh.devices.size} devices ({jax.process_count()} processes), '
              f'rules {rules_name}']
     paths, leaves = _paths_leaves(params)
