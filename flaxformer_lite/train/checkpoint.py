@@ -88,6 +88,22 @@ logging.getLogger('absl').addFilter(_NOISE)
 logging.getLogger().addFilter(_NOISE)
 
 
+class _ReadOnlyNotice(logging.Filter):
+    """Orbax warns 'Given directory is read only' whenever a manager is opened read-only,
+    which this project does on purpose to restore (resume, --eval_only, --generate)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and record.msg == 'Given directory is read only=%s')
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
+
+# The fields a user changes between experiments, most telling first: a refused workdir
+# names the first of them that differs (the others differ because of it, or beside it).
+MAIN_FIELDS = ('task.name', 'model.name', 'model.size', 'task.dependency_length', 'task.seq_len',
+               'optim.learning_rate', 'train.batch_size', 'train.seed')
+
+
 def _contents(workdir: str) -> list[str]:
     return [n for n in os.listdir(workdir) if n not in BOOKKEEPING and not n.endswith(('.tmp', '.new'))]
 
@@ -123,13 +139,15 @@ def check_workdir(workdir: str, cfg_dict: Mapping[str, Any], derived: Collection
                         f'missing); choose a new or empty --workdir')
     saved = read_config(workdir)
     conflicts = [c for c in config_lib.resume_conflicts(saved, cfg_dict) if c not in ALSO_RESUMABLE]
-    # Fields the user set come first; fields derived from them (a size row's width, a
-    # matched recurrent width) would only repeat the cause.
-    conflicts.sort(key=lambda name: name in derived)
+    # Fields the user set come first, the main ones (MAIN_FIELDS) in their order; fields
+    # derived from them (a size row's width, a matched recurrent width) would only repeat the cause.
+    rank = {f: i for i, f in enumerate(MAIN_FIELDS)}
+    conflicts.sort(key=lambda name: (name in derived, rank.get(name, len(rank))))
     if conflicts:
         flat_saved, flat_now = config_lib.flatten(saved), config_lib.flatten(json.loads(config_lib.to_json(cfg_dict)))
-        name = conflicts[0]
-        more = f' (and {len(conflicts) - 1} more: {", ".join(conflicts[1:4])})' if len(conflicts) > 1 else ''
+        name, others = conflicts[0], conflicts[1:]
+        listed = ', '.join(others[:3]) + (f' and {len(others) - 3} other fields' if len(others) > 3 else '')
+        more = f' (also different: {listed})' if others else ''
         raise UserError(f'--workdir={workdir} holds a run with {name}={flat_saved.get(name)!r}, not '
                         f'{flat_now.get(name)!r}{more}; continue it with its own config or choose a new --workdir')
     results_lib.read(workdir)  # a damaged results.json is an error now, not after training
@@ -179,14 +197,22 @@ class Checkpointer:
         self._async = async_save and not read_only
         self._saved: set[int] = set()  # steps this object saved that have no manifest yet
         self._manifest_lock = threading.Lock()
+        # Read-only: no saving options at all (Orbax would reset them, with a warning each).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save and not read_only, create=not read_only,
+            max_to_keep=None if read_only else max_to_keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save and not read_only, create=not read_only,
             read_only=read_only, cleanup_tmp_directories=not read_only,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._finalized) if self._async else None)
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
-                           'config': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+        absl_logger = logging.getLogger('absl')
+        if read_only:
+            absl_logger.addFilter(_READ_ONLY_NOTICE)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+                               'config': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+        finally:
+            absl_logger.removeFilter(_READ_ONLY_NOTICE)
 
     def steps(self) -> list[int]:
         """Complete steps on disk, newest first (re-read: another process may write them)."""
