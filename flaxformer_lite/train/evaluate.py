@@ -36,11 +36,24 @@ def decodes(exp: Experiment) -> bool:
     return exp.spec.kind == 'seq2seq' and exp.config.eval.decode and exp.family.decoder is not None
 
 
+def reports_seq_accuracy(task: Any) -> bool:
+    """Whether sequence accuracy (every target of an example right) is logged for `task`.
+    It scores tasks whose targets are a few answers; over free text, where every byte of a
+    long chunk is a target (the tasks that report loss by position, such as text_lm), it
+    is zero for any model and says nothing. A task may decide with `seq_accuracy = False`."""
+    return bool(getattr(task, 'seq_accuracy', not getattr(task, 'report_loss_by_position', False)))
+
+
+def task_metrics(exp: Experiment, task: Any) -> tuple[str, ...]:
+    """The metric names an evaluation of `task` logs (under its tag prefix)."""
+    names = METRICS_BY_KIND[exp.spec.kind] + (('exact_match',) if decodes(exp) else ())
+    return tuple(n for n in names if n != 'seq_accuracy' or reports_seq_accuracy(task))
+
+
 def metric_names(exp: Experiment, splits: tuple[str, ...] = ('eval', 'test')) -> list[str]:
     """Every scalar an evaluation logs for this experiment (bar loss-by-position curves)."""
-    names = METRICS_BY_KIND[exp.spec.kind] + (('exact_match',) if decodes(exp) else ())
-    return [f'{split_prefix(prefix, split)}/{name}' for split in splits for prefix in exp.eval_tasks
-            for name in names]
+    return [f'{split_prefix(prefix, split)}/{name}' for split in splits for prefix, task in exp.eval_tasks.items()
+            for name in task_metrics(exp, task)]
 
 
 def is_better(name: str, value: float, best: float) -> bool:
@@ -93,7 +106,8 @@ class Evaluator:
                     sums = dict(sums, **decode_step(params, batch))
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
             total = jax.device_get(total)
-            scalars.update({f'{prefix}/{k}': v for k, v in summarize(total, self.kind).items()})
+            logged = task_metrics(self.exp, task)
+            scalars.update({f'{prefix}/{k}': v for k, v in summarize(total, self.kind).items() if k in logged})
             if getattr(task, 'report_loss_by_position', False) and 'loss_by_position' in total:
                 curve = total['loss_by_position'] / np.maximum(total['weight_by_position'], 1e-9)
                 curves[prefix] = curve
