@@ -10,10 +10,10 @@ import pytest
 
 from flaxformer_lite import cli, experiment
 from flaxformer_lite.errors import ConfigError, UserError
-from flaxformer_lite.train import loop, train_and_evaluate
+from flaxformer_lite.train import loop, results, train_and_evaluate
 from flaxformer_lite.train.evaluate import Evaluator
 
-from conftest import read_scalars, tiny_config
+from conftest import event_history, read_scalars, tiny_config
 
 SHORT = dict(train__steps=20, eval__every_steps=10, checkpoint__every_steps=10)
 
@@ -52,6 +52,19 @@ def test_eval_only_reproduces_the_test_metrics_exactly(workdir, capsys):
     for name, value in before['metrics'].items():
         assert after['metrics'][name] == value, name  # bit for bit
     assert 'test/dep_6/accuracy' in after['metrics'] and sorted(os.listdir(workdir)) == files
+    assert after['convergence'] == before['convergence']
+
+
+def test_results_json_says_whether_the_validation_loss_had_converged(workdir, capsys):
+    _train(tiny_config(train__steps=20, eval__every_steps=2, checkpoint__every_steps=10), workdir)
+    path = os.path.join(workdir, 'results.json')
+    verdict = json.load(open(path))['convergence']
+    assert verdict == results.convergence(event_history(workdir)['eval/loss'], 20)  # the curve TensorBoard shows
+    assert verdict['metric'] == 'eval/loss' and verdict['points'] == 3 and verdict['window'] == [16, 20]
+    assert verdict['status'] in ('converged', 'still_improving') and verdict['rule'] == results.CONVERGENCE_RULE
+    os.remove(path)  # --eval_only writes the record again, the verdict with it
+    assert cli.main(['--eval_only', f'--workdir={workdir}']) == 0
+    assert json.load(open(path))['convergence'] == verdict
 
 
 def test_eval_only_on_a_workdir_without_a_checkpoint_is_one_line(tmp_path, capsys):
@@ -94,9 +107,8 @@ def test_hparams_declare_exactly_the_metrics_the_run_logs(workdir):
     metrics = {m.name.tag for m in declared.metric_infos}
     logged = set(read_scalars(workdir))
     assert metrics <= logged and metrics == {'eval/loss', 'eval/accuracy', 'test/loss', 'test/accuracy', 'train/loss'}
-    first = [h.name for h in declared.hparam_infos if h.differs]
-    assert first == ['model.name', 'model.size', 'task.name', 'task.dependency_length', 'optim.learning_rate',
-                     'train.seed']
+    first = [h.display_name for h in declared.hparam_infos if h.differs]
+    assert first == ['model.name', 'model.size', 'task.name']
     session = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/session_start_info'])
     assert session.session_start_info.group_name == 'run'  # the workdir's name, not a hash
 

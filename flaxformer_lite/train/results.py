@@ -3,6 +3,9 @@ report read (`flaxformer_lite/analysis` never needs anything else of a run).
 
 Written atomically (temporary file + rename) at the end of training and again by
 `launch.py --eval_only`, so a reader never sees half a file.
+
+It also says whether the run had converged (`convergence`, the rule below): read from
+the run's own TensorBoard event files, which show one clean curve across resumes.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import math
 import os
 import subprocess
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -21,9 +24,22 @@ from flaxformer_lite import accounting
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.experiment import Experiment
+from flaxformer_lite.train.evaluate import LOWER_IS_BETTER
 
 RESULTS_FILE = 'results.json'
 STATUSES = ('done', 'evaluated')
+
+# Convergence: judged on the validation loss, which every task logs.
+CONVERGENCE_METRIC = 'eval/loss'
+CONVERGENCE_MIN_POINTS = 3
+# Changes no larger than these are no improvement: 1% of the level, and 0.001 (a solved
+# task's loss creeps towards 0 for as long as it trains).
+CONVERGENCE_TOLERANCE = 0.01
+CONVERGENCE_FLOOR = 1e-3
+CONVERGENCE_RULE = ('least-squares line of eval/loss against step over the evaluations in the last quarter of '
+                    'training (3 or more, else unknown); still_improving when the improvement it predicts over those '
+                    'steps exceeds 2 standard errors of that prediction, 1% of the mean level there and 0.001, '
+                    'else converged')
 
 
 @functools.cache
@@ -55,6 +71,63 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def convergence(series: Iterable[tuple[int, float]], final_step: int, *, metric: str = CONVERGENCE_METRIC,
+                lower_is_better: bool | None = None) -> dict[str, Any]:
+    """Whether `metric` was still improving at the end of training: `CONVERGENCE_RULE`.
+
+    `series` is (step, value) as logged (a step logged twice counts once, its last value;
+    non-finite values are left out); the window is the last quarter of `final_step` steps.
+    Over the n >= 3 points there, a least-squares line y = a + b·step gives the change it
+    predicts across the window's span, b·span, with standard error SE(b)·span, where
+    SE(b) = sqrt(SSR / (n - 2) / Σ(step - mean)²). The run is still_improving when that
+    change is an improvement (a fall, for a loss) larger than max(2·SE(b)·span, 1% of the
+    mean value in the window, 0.001), else converged: flat, within its noise, too small to
+    matter, or getting worse. Fewer than 3 points: unknown. The slope is per 1000 steps."""
+    if lower_is_better is None:
+        lower_is_better = metric.rsplit('/', 1)[-1] in LOWER_IS_BETTER
+    by_step = {int(s): float(v) for s, v in series if v is not None and math.isfinite(float(v))}
+    window = sorted((s, v) for s, v in by_step.items() if 4 * s >= 3 * final_step and s <= final_step)
+    out: dict[str, Any] = {'status': 'unknown', 'metric': metric, 'slope_per_1k_steps': None, 'points': len(window)}
+    if len(window) < CONVERGENCE_MIN_POINTS:
+        return dict(out, rule=CONVERGENCE_RULE)
+    steps = np.array([s for s, _ in window], dtype=np.float64)
+    values = np.array([v for _, v in window], dtype=np.float64)
+    centred = steps - steps.mean()
+    sxx = float(centred @ centred)
+    slope = float(centred @ (values - values.mean())) / sxx
+    residuals = values - values.mean() - slope * centred
+    se = math.sqrt(float(residuals @ residuals) / (len(window) - 2) / sxx)
+    span = float(steps[-1] - steps[0])
+    improvement = (-slope if lower_is_better else slope) * span
+    threshold = max(2.0 * se * span, CONVERGENCE_TOLERANCE * abs(float(values.mean())), CONVERGENCE_FLOOR)
+    return dict(out, status='still_improving' if improvement > threshold else 'converged',
+                slope_per_1k_steps=slope * 1000.0, window=[int(steps[0]), int(steps[-1])],
+                change=slope * span, threshold=threshold, rule=CONVERGENCE_RULE)
+
+
+def event_series(workdir: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of scalar `tag` as TensorBoard shows the run in `workdir`: every event
+    file there, in order, with the events a resumed run logged again purged (the
+    SessionLog restart the loop writes), so each step once. [] where there are none."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+    acc = EventAccumulator(workdir, size_guidance={'tensors': 0}, purge_orphaned_data=True)
+    acc.Reload()
+    if tag not in acc.Tags().get('tensors', ()):
+        return []
+    return [(int(e.step), float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+def run_convergence(workdir: str, step: int) -> dict[str, Any]:
+    """`convergence` of the run in `workdir` up to `step`, from its event files; unknown
+    (with the reason) where they cannot be read: the record is written regardless."""
+    try:
+        series = event_series(workdir, CONVERGENCE_METRIC)
+    except Exception as e:  # pylint: disable=broad-except  # a damaged event file must not lose the results
+        return dict(convergence([], step), error=f'event files unreadable: {e}')
+    return convergence(series, step)
+
+
 def build(exp: Experiment, *, name: str, workdir: str, step: int, metrics: Mapping[str, float],
           best: Mapping[str, Mapping[str, float]], curves: Mapping[str, Any], wall_s: float, train_s: float,
           timed_steps: int, skipped_updates: int = 0) -> dict[str, Any]:
@@ -70,6 +143,7 @@ def build(exp: Experiment, *, name: str, workdir: str, step: int, metrics: Mappi
         'config': config_lib.flatten(json.loads(config_lib.to_json(exp.config))),
         'metrics': dict(sorted(metrics.items())),
         'best': dict(sorted(best.items())),
+        'convergence': run_convergence(workdir, step),
         'chance': exp.task.chance(),
         'curves': {f'{prefix}/loss_by_position': list(curve) for prefix, curve in curves.items()},
         'step': step,
