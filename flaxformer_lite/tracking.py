@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import sys
 import time
 from typing import Any, Mapping, Sequence, TextIO
@@ -25,9 +26,80 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
-# The fields that tell single runs apart, shown first in the HParams tab (a sweep puts its
-# swept fields there instead).
-KEY_FIELDS = ('model.name', 'model.size', 'task.name', 'task.dependency_length', 'optim.learning_rate', 'train.seed')
+# The fields every run shows first in the HParams tab, in this order: the model family,
+# its size, the task. A sweep's swept fields follow them, then the parameter counts
+# (COUNTS), then everything else.
+KEY_FIELDS = ('model.name', 'model.size', 'task.name')
+COUNTS = ('accounting.params_non_embedding', 'accounting.params_total')
+# The `sweep` hyperparameter of a run that belongs to no sweep (every run declares it,
+# so that TensorBoard's parallel coordinates keep single runs beside a sweep's trials).
+NO_SWEEP = '-'
+
+
+def hparam_columns(values: Mapping[str, Any], first: Sequence[str] = ()) -> list[tuple[str, api_pb2.HParamInfo]]:
+    """The HParams tab's columns for `values` (a run's flattened config and counts), in
+    the order a reader needs them: KEY_FIELDS, the fields in `first` (a sweep's swept
+    fields), COUNTS, the rest; (field, column) pairs.
+
+    TensorBoard orders the columns it is given by (`differs` first, then name) and ticks
+    the first five, so the order is written into the names: KEY_FIELDS and COUNTS are
+    named with a leading rank ('1 model.name', ..., '5 params_total'; shown under their
+    own names), KEY_FIELDS and `first` are marked as differing, the rest not. A column's
+    name depends on its field alone, so every run of a logdir (single runs and the trials
+    of any sweep) holds a value for every column whichever run's declaration TensorBoard
+    reads."""
+    ranked = {f: i + 1 for i, f in enumerate(KEY_FIELDS + COUNTS)}
+    shown = {f: f.split('.', 1)[1] if f in COUNTS else f for f in ranked}
+    marked = set(KEY_FIELDS) | set(first)
+    order = ([f for f in KEY_FIELDS if f in values] + [f for f in first if f in values and f not in ranked]
+             + [f for f in COUNTS if f in values] + sorted(f for f in values if f not in ranked and f not in first))
+    columns = []
+    for field in order:
+        value = _hparam_value(values[field])
+        columns.append((field, api_pb2.HParamInfo(
+            name=f'{ranked[field]} {shown[field]}' if field in ranked else field,
+            display_name=shown.get(field, ''), type=_HPARAM_TYPES[type(value)],
+            differs=field in marked and field not in COUNTS)))
+    return columns
+
+
+def trial_id(sweep: str, values: Mapping[str, Any], swept: Sequence[str]) -> str:
+    """A sweep trial's short name in the HParams tab: 'tvl/lstm mini L16 s1' (the sweep,
+    the family, then the swept values in short form: the size, the others, the seed).
+    Every swept value appears, so the names of a sweep's trials differ, and the sweep's
+    name keeps them apart from other sweeps' trials. Values all trials share are left
+    out: TensorBoard gives the name a column about 16 characters wide."""
+    order = ('model.size', *(f for f in swept if f not in ('model.name', 'model.size', 'train.seed')), 'train.seed')
+    fields = ['model.name', *(f for f in order if f in swept)]
+    last = [f.rsplit('.', 1)[-1] for f in fields]
+    parts = []
+    for field in fields:
+        if field not in values:
+            continue
+        label = SHORT_LABELS.get(field)
+        if label is None:
+            tail = field.rsplit('.', 1)[-1]
+            label = (field if last.count(tail) > 1 else tail) + '='
+        parts.append(label + _short_value(values[field]))
+    return f'{sweep}/' + ' '.join(parts)
+
+
+# Short labels of swept values in trial names ('' : the value alone).
+SHORT_LABELS = {'model.name': '', 'model.size': '', 'task.name': '', 'task.dependency_length': 'L',
+                'task.seq_len': 'T', 'optim.learning_rate': 'lr', 'train.seed': 's', 'train.batch_size': 'bs',
+                'train.steps': 'steps', 'model.num_layers': 'layers', 'model.d_model': 'd', 'model.num_heads': 'h',
+                'model.d_ff': 'ff'}
+
+
+def _short_value(value: Any) -> str:
+    """0.003 -> '0.003', 3e-05 -> '3e-5', (16, 32) -> '16,32'; spaces become '_'."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return re.sub(r'e([+-])0*(\d)', r'e\1\2', f'{value:g}')
+    if isinstance(value, (tuple, list)):
+        return ','.join(_short_value(v) for v in value)
+    return '_'.join(str(value).split()) or "''"
 
 
 class Writer:
@@ -59,21 +131,18 @@ class Writer:
     def hparams(self, values: Mapping[str, Any], metrics: Sequence[str], *, first: Sequence[str] = KEY_FIELDS,
                 trial_id: str | None = None) -> None:
         """Declare the experiment (hyperparameters and the metrics this run logs) and this
-        run's values. TensorBoard lists hyperparameters marked as differing first (and
-        ticks the first few), so the fields in `first` are marked; `trial_id` names the
-        row (TensorBoard's default is a hash)."""
-        marked = set(first)
-        ordered = [k for k in first if k in values] + [k for k in values if k not in marked]
-        values = {k: _hparam_value(values[k]) for k in ordered}
-        infos = [api_pb2.HParamInfo(name=k, type=_HPARAM_TYPES[type(v)], differs=k in marked)
-                 for k, v in values.items()]
-        experiment = api_pb2.Experiment(hparam_infos=infos, time_created_secs=time.time(), metric_infos=[
-            api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
+        run's values; `first`: the fields shown right after KEY_FIELDS (`hparam_columns`),
+        `trial_id`: the row's name (TensorBoard's default is a hash)."""
+        columns = hparam_columns(values, first)
+        by_name = {info.name: _hparam_value(values[field]) for field, info in columns}
+        experiment = api_pb2.Experiment(
+            hparam_infos=[info for _, info in columns], time_created_secs=time.time(),
+            metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
         declaration = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
             tag=hparams_metadata.EXPERIMENT_TAG, tensor=hparams_metadata.NULL_TENSOR,
             metadata=hparams_metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(
                 experiment=experiment)))])
-        session = hparams_summary.hparams_pb(values, trial_id=trial_id)
+        session = hparams_summary.hparams_pb(by_name, trial_id=trial_id)
         for pb in (declaration, session):
             self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=pb))
 

@@ -152,9 +152,9 @@ def test_tensorboard_hparams_show_swept_fields_first_readable_names_and_metrics(
         board.terminate()
         board.wait(timeout=30)
     names = sorted(g['name'] for g in groups)
-    assert names == [f'tvl/model.name={m},task.dependency_length={d}' for m in ('lstm', 'transformer') for d in (3, 4)]
-    first = [h['name'] for h in experiment['hparamInfos'][:4]]
-    assert sorted(first) == ['model.name', 'model.num_heads', 'sweep', 'task.dependency_length'], first
+    assert names == [f'tvl/{m} L{d} h2' for m in ('lstm', 'transformer') for d in (3, 4)]
+    first = [h.get('displayName') or h['name'] for h in experiment['hparamInfos'][:5]]
+    assert first == ['model.name', 'model.size', 'task.name', 'model.num_heads', 'task.dependency_length'], first
     metrics = [m['name']['tag'] for m in experiment['metricInfos']]
     assert {'test/accuracy', 'eval/accuracy', 'train/loss'} <= set(metrics)
     for group in groups:

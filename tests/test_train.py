@@ -60,11 +60,11 @@ def test_event_files_hold_tags_config_and_hparams(workdir):
     content = acc.PluginTagToContent('hparams')
     experiment_pb = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/experiment'])
     hparam_names = {h.name for h in experiment_pb.experiment.hparam_infos}
-    assert {'model.name', 'train.steps', 'task.dependency_length', 'optim.learning_rate'} <= hparam_names
+    assert {'1 model.name', 'train.steps', 'task.dependency_length', 'optim.learning_rate'} <= hparam_names
     metric_tags = {m.name.tag for m in experiment_pb.experiment.metric_infos}
     assert {'eval/loss', 'eval/accuracy'} <= metric_tags
     session = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/session_start_info'])
-    assert session.session_start_info.hparams['model.name'].string_value == 'transformer'
+    assert session.session_start_info.hparams['1 model.name'].string_value == 'transformer'
     assert session.session_start_info.hparams['train.steps'].number_value == 20
     saved = json.load(open(os.path.join(workdir, 'config.json')))
     assert saved['model']['d_model'] == 32 and saved['model']['arch'] == 'decoder_only'

@@ -127,7 +127,7 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
         try:
             exp = experiment.resolve(sweep.trial_config(trial))
             info = loop.RunInfo(name=trial.name, first=tuple(sweep.swept_fields), metrics=sweep_metrics(sweep),
-                                extra={'sweep': sweep.name}, trial_id=f'{sweep.name}/{trial.name}')
+                                extra={'sweep': sweep.name})
             result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info)
         except UserError as e:
             undo = True

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -55,7 +56,7 @@ class RunInfo:
     first: tuple[str, ...] = tracking.KEY_FIELDS
     metrics: tuple[str, ...] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    trial_id: str | None = None  # the HParams row's ID (default: name); unique across sweeps
+    trial_id: str | None = None  # the HParams row's ID (default: name, or tracking.trial_id in a sweep)
 
 
 class StepTimer:
@@ -191,6 +192,17 @@ def default_info(workdir: str) -> RunInfo:
     return RunInfo(name=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
 
 
+def next_steps(exp: Experiment, workdir: str) -> str:
+    """The closing lines of a finished run: where to look at it and what to run next."""
+    parent = os.path.dirname(os.path.normpath(workdir)) or '.'
+    where = shlex.quote(workdir)
+    lines = [f'next: tensorboard --logdir {shlex.quote(parent)}',
+             f'      python launch.py --eval_only --workdir={where}']
+    if exp.spec.kind in ('lm', 'seq2seq') and exp.family.decoder is not None:
+        lines.append(f"      python launch.py --generate --workdir={where} --prompt=TEXT")
+    return '\n'.join(lines)
+
+
 def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
                        info: RunInfo | None = None) -> dict[str, Any]:
     """Train (or continue training) `exp` in `workdir`, then evaluate the test split and
@@ -304,13 +316,17 @@ def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdi
             if start == 0:
                 writer.text(0, 'config', '```\n' + config_lib.to_json(cfg_dict) + '\n```')
                 metrics = info.metrics if info.metrics is not None else evaluate.metric_names(exp)
-                hparams = {**info.extra, **config_lib.flatten(cfg_dict),
+                # Every run declares `sweep` (single runs too), so no run lacks a column.
+                hparams = {'sweep': tracking.NO_SWEEP, **info.extra, **config_lib.flatten(cfg_dict),
                            **{f'accounting.{k}': v for k, v in counts.items()}}
-                writer.hparams(hparams, [*metrics, 'train/loss'], first=(*info.extra, *info.first),
-                               trial_id=info.trial_id or info.name)
+                sweep = info.extra.get('sweep')
+                trial_id = info.trial_id or (tracking.trial_id(sweep, hparams, info.first) if sweep else info.name)
+                writer.hparams(hparams, [*metrics, 'train/loss'], first=info.first, trial_id=trial_id)
             run = _Run(exp, setup, evaluator, workdir, info, progress, writer, meta, started)
             result = _loop(run, state, start, train_it, ckpt, counts, held)
         failed = False
+        if result.get('status') == 'done':
+            progress.message(next_steps(exp, workdir))
         return result
     finally:
         for close in (ckpt.wait, ckpt.close, writer.close, progress.close):
