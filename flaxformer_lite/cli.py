@@ -54,6 +54,7 @@ FLAGS_HELP = {
     'dry_run': 'with --sweep: list the trials (index, name, overrides, estimated FLOPs) and exit',
     'parallel': 'with --sweep: trials run at a time, as separate processes (default 1)',
     'trial': 'with --sweep: run trial I alone (what a scheduler calls)',
+    'stage': 'with --sweep --trial: tune runs a trial of the tuning stage of a tuned sweep (default: main)',
     'slurm': 'with --sweep: write DIR/sweep.sbatch, a job array over the unfinished trials, and submit it '
              '(--slurm=write: only write it)',
     'slurm_args': 'with --slurm: sbatch options for every array task, e.g. "--partition=gpu --gres=gpu:1"',
@@ -96,6 +97,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     flag('dry_run', action='store_true')
     flag('parallel', type=int, default=1, metavar='N')
     flag('trial', type=int, metavar='I')
+    flag('stage', choices=('main', 'tune'), default='main')
     flag('slurm', nargs='?', const='submit', choices=('submit', 'write'))
     flag('slurm_args', default='')
     flag('report', action='store_true')
@@ -134,6 +136,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError(f'--{name} needs --sweep (and --config=FILE.py with a get_sweep)')
     if args.parallel != 1 and not args.sweep:
         raise UserError('--parallel needs --sweep')
+    if args.stage != 'main' and args.trial is None:
+        raise UserError(f'--stage={args.stage} needs --sweep --trial=I (the runner starts each stage itself)')
     if args.parallel < 1:
         raise UserError(f'--parallel={args.parallel} must be at least 1')
     if args.sweep and args.trial is not None and (args.slurm or args.dry_run or args.parallel != 1):
@@ -254,22 +258,41 @@ def dry_run(sweep) -> str:
 
 
 def run_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from flaxformer_lite.sweep import plan, runner, slurm
-    sweep = plan.load(args.config, overrides, args.workdir)
+    from flaxformer_lite import lock
+    from flaxformer_lite.sweep import plan, runner, slurm, stages
+    tuned = plan.tuned_spec(args.config, overrides) is not None
+    if tuned and args.dry_run:
+        print(dry_run(plan.load(args.config, overrides, args.workdir, stage='tune')))
+        print(dry_run(plan.load(args.config, overrides, args.workdir, provisional=True)))
+        return 0
+    if tuned and args.trial is None:
+        if args.slurm:
+            slurm.sbatch_options(args.slurm_args)
+            lock.check_free(args.workdir)
+            return stages.submit_slurm(args.config, overrides, args.workdir, args.slurm_args, args.slurm == 'submit')
+        held = lock.acquire(args.workdir, kind='sweep')
+        try:
+            return stages.run_local(args.config, overrides, args.workdir, args.parallel)
+        finally:
+            held.release()
+    if tuned and args.stage == 'main':
+        stages.ensure_choice(args.config, overrides, args.workdir)
+    sweep = plan.load(args.config, overrides, args.workdir, stage=args.stage)
     if args.dry_run:
         print(dry_run(sweep))
         return 0
     if args.trial is not None:
         if not 0 <= args.trial < len(sweep.trials):
             raise UserError(f'--trial={args.trial} is out of range: the sweep has trials 0..{len(sweep.trials) - 1}')
+        if not sweep.recorded and tuned:  # array tasks record the main trials they chose alike
+            sweep.record()
         if not sweep.recorded:  # a scheduler's task: the sweep must have been written by the command that made it
-            if not os.path.isfile(os.path.join(args.workdir, plan.SWEEP_FILE)):
+            if not os.path.isfile(os.path.join(sweep.workdir, plan.SWEEP_FILE)):
                 sweep.record()
             else:
                 raise UserError(f'--trial: the sweep in {args.workdir} was defined with other trials; rerun the sweep '
                                 f'command (without --trial) to record the new definition first')
         return runner.run_trial(sweep, args.trial, verbose=not args.quiet)
-    from flaxformer_lite import lock
     if args.slurm:
         slurm.sbatch_options(args.slurm_args)  # a bad option is refused before sweep.json is written
         lock.check_free(args.workdir)  # not while a local runner runs this sweep

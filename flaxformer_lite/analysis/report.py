@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from flaxformer_lite.analysis import plots, plots_metrics, reproduce, scaling, tables
+from flaxformer_lite.analysis import plots, plots_metrics, reproduce, scaling, tables, tuning_curves
 from flaxformer_lite.analysis.runs import Run, count_by_status, hashable, load_runs
 from flaxformer_lite.errors import UserError
 
@@ -144,7 +144,7 @@ def _fits_section(fits: Sequence[scaling.Scaling] | None, skip: str, spec: Mappi
 def _plots_section(written: Mapping[str, str], skipped: Mapping[str, str], spec: Mapping[str, Any]) -> list[str]:
     lines = ['## Plots', '']
     for name, path in written.items():
-        title = PLOT_TITLES[name]
+        title = PLOT_TITLES.get(name, 'Tuning curves (the validation metric against the tuned value)')
         if name == 'accuracy_vs_dependency_length':
             title = f'{spec["metric"]} against {spec["x"]}'
         lines += [f'### {title}', '', f'![{title}]({os.path.basename(path)})', '']
@@ -263,6 +263,13 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
         with open(written[name], 'wb') as f:
             f.write(images[name][0])
 
+    tuned = tuning_curves.read(paths)  # the tuning stage of tuned sweeps: its curves and choices
+    if tuned:
+        images['tuning_curves'] = plots.png(tuning_curves.plot(tuned))
+        written['tuning_curves'] = os.path.join(out_dir, 'tuning_curves.png')
+        with open(written['tuning_curves'], 'wb') as f:
+            f.write(images['tuning_curves'][0])
+
     title = spec['title'] or 'Report: ' + ', '.join(
         sorted({r.sweep for r in runs if r.sweep}) or [os.path.basename(os.path.normpath(p)) for p in paths])
     metrics = tables.headline_metrics(runs)
@@ -288,6 +295,7 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
         md += reproduce.section(rows_of, by, metric, level, first=i == 0)
         reproduction += rows_of
     chosen_md, chosen = _choose_section(runs, spec)
+    md += tuning_curves.section(tuned) if tuned else []
     md += chosen_md + _fits_section(fits, fits_skip, spec) + _plots_section(written, skipped, spec)
     md += _problems_section(runs)
     markdown = '\n'.join(md).rstrip('\n') + '\n'

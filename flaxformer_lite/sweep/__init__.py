@@ -11,10 +11,15 @@ a SLURM job array (`--slurm`).
     python launch.py --config=FILE.py:ARG --sweep --workdir=runs/s1 --dry_run
     python launch.py --config=FILE.py:ARG --sweep --workdir=runs/s1 --parallel=2
     python launch.py --report --workdir=runs/s1
+
+`sweep.tuned(trials, {'optim.learning_rate': [...]}, by=('model.name', 'model.size'))` adds
+a tuning stage: each group's value is chosen on the validation split before the main
+trials run (sweep/tuning.py).
 """
 
 from flaxformer_lite.sweep.define import (Distribution, Trial, choice, concat, experiment_seeds, int_log_uniform,
                                           isoflop, log_uniform, product, random, seeds, uniform, zip)
+from flaxformer_lite.sweep.tuning import Tuned, tuned
 
 __all__ = ['Distribution', 'Trial', 'choice', 'concat', 'experiment_seeds', 'int_log_uniform', 'isoflop',
-           'log_uniform', 'product', 'random', 'seeds', 'uniform', 'zip']
+           'log_uniform', 'product', 'random', 'seeds', 'tuned', 'Tuned', 'uniform', 'zip']

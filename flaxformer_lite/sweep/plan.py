@@ -23,12 +23,15 @@ import ml_collections
 
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.errors import ConfigError, UserError
+from flaxformer_lite.sweep import tuning
 
 SWEEP_FILE = 'sweep.json'
 LOG_DIR = 'logs'
 CACHE_DIR = 'jax_cache'
 ALIASES = {'train.seed': 'seed'}  # shorter names in trial names
-BOOKKEEPING = ('lock.json',)  # what a runner holding the workdir leaves there (flaxformer_lite/lock.py)
+# What a runner holding the workdir leaves there (flaxformer_lite/lock.py), and what a
+# tuning stage writes before the main trials are recorded (sweep/tuning.py).
+BOOKKEEPING = ('lock.json', tuning.TUNE_DIR, tuning.TUNING_FILE, CACHE_DIR)
 
 
 def format_value(value: Any) -> str:
@@ -78,10 +81,17 @@ class Sweep:
     swept_fields: list[str]
     base: ml_collections.ConfigDict
     recorded: bool  # sweep.json exists and matches
+    stage: str = 'main'  # or 'tune': the tuning stage of a tuned sweep, in ROOT/tune
+
+    @property
+    def root(self) -> str:
+        """The sweep's workdir as the user named it (the tuning stage lives inside it)."""
+        return self.workdir if self.stage == 'main' else os.path.dirname(os.path.normpath(self.workdir))
 
     @property
     def name(self) -> str:
-        return os.path.basename(os.path.normpath(os.path.abspath(self.workdir)))
+        name = os.path.basename(os.path.normpath(os.path.abspath(self.root)))
+        return name if self.stage == 'main' else f'{name}.{self.stage}'
 
     def trial_workdir(self, trial: TrialSpec) -> str:
         return os.path.join(self.workdir, trial.dir)
@@ -92,23 +102,29 @@ class Sweep:
     def record(self) -> None:
         """Write sweep.json (atomically): the definition this workdir now holds."""
         os.makedirs(self.workdir, exist_ok=True)
-        payload = {'config': self.config, 'overrides': self.overrides, 'swept_fields': self.swept_fields,
+        payload = {'config': self.config, 'overrides': self.overrides, 'stage': self.stage,
+                   'swept_fields': self.swept_fields,
                    'written': time.strftime('%Y-%m-%dT%H:%M:%S'),
                    'trials': [dataclasses.asdict(t) for t in self.trials]}
         path = os.path.join(self.workdir, SWEEP_FILE)
-        with open(path + '.tmp', 'w') as f:
+        tmp = f'{path}.tmp{os.getpid()}'  # array tasks may record the same definition at once
+        with open(tmp, 'w') as f:
             json.dump(payload, f, indent=2, default=list)
-        os.replace(path + '.tmp', path)
+        os.replace(tmp, path)
         self.recorded = True
 
 
-def _definition(config_spec: str) -> list[dict[str, Any]]:
+def _definition(config_spec: str) -> list[dict[str, Any]] | tuning.Tuned:
     path, _, arg = config_spec.partition(':')
     module = config_lib._module(path)  # noqa: SLF001 -- the same loader as --config
     if not hasattr(module, 'get_sweep'):
         raise UserError(f"--sweep: '{path}' defines no get_sweep(arg); add one that returns a list of trials "
                         f"(see flaxformer_lite/sweep)")
     trials = config_lib.call(module, 'get_sweep', arg or None, path)  # an exception names the file and line
+    if isinstance(trials, tuning.Tuned):
+        if not trials.main:
+            raise UserError(f'--sweep: get_sweep({arg!r}) of {path} returned a tuned sweep without main trials')
+        return trials
     if not isinstance(trials, (list, tuple)) or not all(isinstance(t, Mapping) for t in trials):
         raise UserError(f'--sweep: get_sweep of {path} must return a list of trials (dicts of field -> value)')
     if not trials:
@@ -168,11 +184,51 @@ def swept(trials: list[dict[str, Any]]) -> list[str]:
     return [f for f in fields if len({_key({f: t.get(f, '<unset>')}) for t in trials}) > 1]
 
 
-def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
+def tuned_spec(config_spec: str, overrides: Mapping[str, str]) -> tuning.Tuned | None:
+    """The tuning definition of a tuned sweep (checked), or None for a plain sweep."""
+    spec = _definition(config_spec)
+    if not isinstance(spec, tuning.Tuned):
+        return None
+    base = config_lib.load(config_spec, overrides)
+    tuning.check(spec, lambda field: _has_field(base, field))
+    return spec
+
+
+def _has_field(cfg: ml_collections.ConfigDict, field: str) -> bool:
+    node: Any = cfg
+    for part in field.split('.'):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: str = 'main',
+         provisional: bool = False) -> Sweep:
     """The sweep of `config_spec` bound to `workdir`: validated, with indices and folders
-    (the recorded ones where sweep.json exists). Reads only."""
+    (the recorded ones where sweep.json exists). Reads only. For a tuned sweep, `stage`
+    'tune' is its tuning stage (in WORKDIR/tune) and 'main' its main trials with the values
+    chosen in WORKDIR/tuning.json: before the choice, an error, or with `provisional` the
+    main trials without them (to list or count them)."""
     base = config_lib.load(config_spec, overrides)
     defined = _definition(config_spec)
+    if isinstance(defined, tuning.Tuned):
+        spec = defined
+        tuning.check(spec, lambda field: _has_field(base, field))
+        if stage == 'tune':
+            defined = tuning.tune_trials(spec, tuning.extensions_of(workdir))
+            workdir = os.path.join(workdir, tuning.TUNE_DIR)
+        else:
+            record = tuning.read(workdir)
+            if record is None or record.get('pending_extensions'):
+                if not provisional:
+                    raise UserError(f'--workdir={workdir}: the tuning stage has not chosen its values yet; run the '
+                                    f'sweep command without --trial first (or wait for the tuning job array)')
+                defined = [dict(t) for t in spec.main]
+            else:
+                defined = tuning.main_trials(spec, record)
+    elif stage != 'main':
+        raise UserError(f'--stage={stage}: {config_spec} defines no tuning stage (get_sweep returns plain trials)')
     seen: dict[str, int] = {}
     for i, overrides_i in enumerate(defined):
         key = _key(overrides_i)
@@ -191,7 +247,7 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
                             f'or empty --workdir')
         trials = [TrialSpec(i, trial_name(t, names), trial_dir(i, trial_name(t, names)), t)
                   for i, t in enumerate(defined)]
-        return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=False)
+        return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=False, stage=stage)
     try:
         with open(path) as f:
             old = json.load(f)
@@ -216,4 +272,4 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str) -> Sweep:
             index = len(trials)
             trials.append(TrialSpec(index, trial_name(t, names), trial_dir(index, trial_name(t, names)), t))
     added = len(trials) > len(recorded)
-    return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=not added)
+    return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=not added, stage=stage)

@@ -82,7 +82,7 @@ def use_compilation_cache(sweep: Sweep) -> None:
     """Every trial reads and writes one persistent cache under the sweep workdir (also
     tiny CPU programs: the threshold is lowered from jax's default of one second)."""
     import jax
-    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweep.workdir, CACHE_DIR)))
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweep.root, CACHE_DIR)))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
@@ -149,8 +149,9 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
 
 def trial_argv(sweep: Sweep, trial_index: int | str) -> list[str]:
     """The arguments of `launch.py` that run one trial."""
-    return [f'--config={sweep.config}', '--sweep', f'--trial={trial_index}',
-            f'--workdir={os.path.abspath(sweep.workdir)}', *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
+    stage = [f'--stage={sweep.stage}'] if sweep.stage != 'main' else []
+    return [f'--config={sweep.config}', '--sweep', *stage, f'--trial={trial_index}',
+            f'--workdir={os.path.abspath(sweep.root)}', *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
 
 
 def trial_command(sweep: Sweep, trial_index: int | str) -> list[str]:

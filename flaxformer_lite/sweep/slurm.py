@@ -69,13 +69,14 @@ def write_script(sweep: Sweep, slurm_args: str = '') -> tuple[str, list[int]]:
     return path, todo
 
 
-def submit(path: str, env: dict[str, str] | None = None) -> str:
-    """sbatch the script; returns the job id."""
+def submit(path: str, env: dict[str, str] | None = None, dependency: str | None = None) -> str:
+    """sbatch the script (after job `dependency` succeeded, if given); returns the job id."""
     sbatch = shutil.which('sbatch', path=(env or os.environ).get('PATH'))
     if sbatch is None:
         raise UserError(f'--slurm: sbatch is not on this machine; {path} is written: submit it where SLURM runs, '
                         f'or use --slurm=write')
-    proc = subprocess.run([sbatch, '--parsable', path], capture_output=True, text=True, env=env, timeout=120)
+    after = [f'--dependency=afterok:{dependency}'] if dependency else []
+    proc = subprocess.run([sbatch, '--parsable', *after, path], capture_output=True, text=True, env=env, timeout=120)
     if proc.returncode:
         raise UserError(f'--slurm: sbatch refused {path}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}')
     return proc.stdout.strip().split(';')[0]
