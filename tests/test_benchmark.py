@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the benchmark run end to end
+
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import benchmark  # noqa: E402
 

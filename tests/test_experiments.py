@@ -12,6 +12,8 @@ from flaxformer_lite.sweep import plan
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the experiment files run end to end
+
 FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'experiments', '*.py'))
                if 'get_sweep' in open(p).read())
 FORMS = ['quick', 'full', 'quick,tune']

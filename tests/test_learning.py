@@ -9,6 +9,8 @@ import pytest
 
 from flaxformer_lite import cli
 
+pytestmark = pytest.mark.slow  # models trained to an accuracy threshold
+
 # 2 pairs over 4 keys and 4 values, queried 3+ tokens later: chance is 1/4.
 RECALL = ['--config.task.seq_len=16', '--config.task.dependency_length=3', '--config.task.num_pairs=2',
           '--config.task.num_queries=2', '--config.task.num_keys=4', '--config.task.num_values=4',

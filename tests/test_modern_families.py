@@ -437,6 +437,7 @@ def test_quick_classification_config_trains(name, tmp_path, capsys, fast_compile
     assert 0.0 <= scalars['eval/accuracy'][2] <= 1.0
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_sharded_training_equals_one_device(mesh_run):
     """data=2 x fsdp=2 x tensor=2 (fsdp_tp rules: 'embed' over fsdp; heads, 'mlp' and
     vocab over tensor) against one device: the same losses for 3 steps, dropout on."""

@@ -43,6 +43,7 @@ def test_dependencies_point_one_way(sub):
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_pip_install_editable_in_a_fresh_virtual_environment(tmp_path):
     """A new venv takes `pip install -e .`; the package then imports from anywhere, without
     path tricks. The venv sees the packages of the interpreter running the tests (a .pth

@@ -16,6 +16,8 @@ from flaxformer_lite.errors import ConfigError
 
 from conftest import ROOT, read_scalars
 
+pytestmark = pytest.mark.slow  # sharded runs on 8 simulated devices in subprocesses
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -28,6 +28,8 @@ from flaxformer_lite import config as config_lib
 from flaxformer_lite import lock as lock_lib
 from flaxformer_lite.train import checkpoint
 
+pytestmark = pytest.mark.slow  # kills runs at random moments and resumes them
+
 SPEC = 'configs/recall.py'
 RUN = {**TINY_RECALL, **TINY_MODEL, 'train.batch_size': 16, 'train.log_every': 5, 'eval.every_steps': 10,
        'eval.num_examples': 32, 'optim.warmup_steps': 5, 'optim.learning_rate': 3e-3, 'model.dropout': 0.1}

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, read_scalars
+
+pytestmark = pytest.mark.slow  # two jax.distributed processes, one killed
 
 TIMEOUT = 8  # --distributed_timeout, seconds
 ARGS = ['--config=configs/recall.py:quick', '--config.train.batch_size=16', '--config.model.size=tiny',

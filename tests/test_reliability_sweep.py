@@ -13,11 +13,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import (ROOT, TINY_MODEL, TINY_RECALL, assert_same_tree, event_history, restore_state,  # noqa: F401
                       shared_jax_cache, zygote)  # noqa: F401  (fixtures)
 
 from flaxformer_lite import cli
 from flaxformer_lite import config as config_lib
+
+pytestmark = pytest.mark.slow  # kills sweep runners and their trials
 
 FIELDS = {**TINY_RECALL, **TINY_MODEL, 'train.steps': 20, 'optim.decay_steps': 20, 'train.batch_size': 16,
           'train.log_every': 5, 'eval.every_steps': 10, 'eval.num_examples': 32, 'checkpoint.every_steps': 5,

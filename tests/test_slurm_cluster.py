@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from slurm_cluster import slurm, wait_for_job  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow  # starts a real SLURM
 
 
 def test_job_array_runs_every_task(slurm, tmp_path):  # noqa: F811

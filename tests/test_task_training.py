@@ -9,6 +9,8 @@ from flaxformer_lite import cli
 
 from conftest import read_scalars
 
+pytestmark = pytest.mark.slow  # every task trained to a threshold
+
 TASKS = [('recall', 'recall'), ('copy', 'copy'), ('copy', 'selective_copy'), ('associative', 'mqar'),
          ('associative', 'induction'), ('adding', 'adding'), ('listops', 'listops'), ('agreement', 'agreement'),
          ('formal', 'parity'), ('formal', 'dyck'), ('text_lm', 'text_lm'), ('seq2seq', 'seq2seq')]
