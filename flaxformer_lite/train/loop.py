@@ -347,8 +347,9 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
     train_step = jax.jit(
         step_lib.make_train_step(setup.model, setup.tx, setup.lr, kind, label_smoothing=cfg.train.label_smoothing,
                                  seed=cfg.train.seed, skip_nonfinite=cfg.train.skip_nonfinite),
-        in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
+        in_shardings=(setup.state_shardings, setup.batch_sharding, replicated, replicated),
         out_shardings=(setup.state_shardings, replicated, replicated), donate_argnums=(0,))
+    hparams = jax.device_put(setup.step_inputs(), replicated)  # inputs, not constants: one program per shape
     health = jax.jit(lambda: step_lib.initial_health(run.skipped), out_shardings=replicated)()
     result: dict[str, Any] = {'step': start}
     pending: list[tuple[int, dict]] = []
@@ -380,7 +381,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
         for step in range(start + 1, steps + 1):
             batch = data.to_global(next(train_it), setup.batch_sharding)
             timer.count()
-            state, metrics, health = train_step(state, batch, health)
+            state, metrics, health = train_step(state, batch, hparams, health)
             pending.append((step, metrics))
             if step == start + 1:  # compiled in this step: time from its end
                 jax.block_until_ready(metrics)
