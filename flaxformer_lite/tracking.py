@@ -65,7 +65,8 @@ def hparam_columns(values: Mapping[str, Any], first: Sequence[str] = ()) -> list
 
 def trial_id(sweep: str, values: Mapping[str, Any], swept: Sequence[str]) -> str:
     """A sweep trial's short name in the HParams tab: 'tvl/lstm mini L16 s1' (the sweep,
-    the family, then the swept values in short form: the size, the others, the seed).
+    the family, 'xfmr' for the Transformer, then the swept values in short form: the
+    size, the others, the seed).
     Every swept value appears, so the names of a sweep's trials differ, and the sweep's
     name keeps them apart from other sweeps' trials. Values all trials share are left
     out: TensorBoard gives the name a column about 16 characters wide."""
@@ -80,10 +81,13 @@ def trial_id(sweep: str, values: Mapping[str, Any], swept: Sequence[str]) -> str
         if label is None:
             tail = field.rsplit('.', 1)[-1]
             label = (field if last.count(tail) > 1 else tail) + '='
-        parts.append(label + _short_value(values[field]))
+        value = values[field]
+        parts.append(label + (SHORT_FAMILIES.get(value, value) if field == 'model.name' else _short_value(value)))
     return f'{sweep}/' + ' '.join(parts)
 
 
+# Families whose names alone would fill the trial name's column.
+SHORT_FAMILIES = {'transformer': 'xfmr', 'linear_attention': 'linattn'}
 # Short labels of swept values in trial names ('' : the value alone).
 SHORT_LABELS = {'model.name': '', 'model.size': '', 'task.name': '', 'task.dependency_length': 'L',
                 'task.seq_len': 'T', 'optim.learning_rate': 'lr', 'train.seed': 's', 'train.batch_size': 'bs',

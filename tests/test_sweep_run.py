@@ -154,7 +154,7 @@ def test_tensorboard_hparams_show_swept_fields_first_readable_names_and_metrics(
         board.terminate()
         board.wait(timeout=30)
     names = sorted(g['name'] for g in groups)
-    assert names == [f'tvl/{m} L{d} h2' for m in ('lstm', 'transformer') for d in (3, 4)]
+    assert names == [f'tvl/{m} L{d} h2' for m in ('lstm', 'xfmr') for d in (3, 4)]
     first = [h.get('displayName') or h['name'] for h in experiment['hparamInfos'][:5]]
     assert first == ['model.name', 'model.size', 'task.name', 'model.num_heads', 'task.dependency_length'], first
     metrics = [m['name']['tag'] for m in experiment['metricInfos']]

@@ -47,10 +47,13 @@ def test_trial_ids_are_short_readable_and_unique_within_and_across_sweeps():
         ids[(sweep, name, size, dep, seed)] = tracking.trial_id(sweep, values, swept)
     assert len(set(ids.values())) == len(ids)  # no two runs share a row
     assert ids[('tvl', 'lstm', 'mini', 16, 1)] == 'tvl/lstm mini L16 s1'
-    assert ids[('tvl2', 'transformer', 'tiny', 64, 0)] == 'tvl2/transformer tiny L64 s0'
+    assert ids[('tvl2', 'transformer', 'tiny', 64, 0)] == 'tvl2/xfmr tiny L64 s0'
     # What every trial shares (here the size and the seed) is left out: the column is narrow.
     values = _values(model__name='lstm', model__size='mini', task__dependency_length=16, train__seed=1)
     assert tracking.trial_id('tvl', values, ['model.name', 'task.dependency_length']) == 'tvl/lstm L16'
+    # TensorBoard's Trial ID column shows about 16 characters: a two-field sweep fits.
+    values = _values(model__name='transformer', task__dependency_length=64)
+    assert len(tracking.trial_id('tvl', values, ['model.name', 'task.dependency_length'])) <= 16
 
 
 def test_trial_ids_show_every_swept_value_in_short_form():
@@ -121,7 +124,7 @@ def test_single_runs_and_sweep_trials_declare_the_same_columns_and_fill_every_on
     assert single.hparams['sweep'].string_value == tracking.NO_SWEEP
     assert trial.hparams['sweep'].string_value == 'tvl'
     assert single.group_name == 'single'  # a single run: its workdir's name
-    assert trial.group_name == 'tvl/transformer s0'
+    assert trial.group_name == 'tvl/xfmr s0'
     assert trial.hparams['1 model.name'].string_value == 'transformer'
     assert trial.hparams['4 params_non_embedding'].number_value > 0
 
