@@ -242,6 +242,9 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False
     max_len: int = 0  # cache length for decode
     dtype: Dtype = jnp.float32
+    # Queries times this before the 1/sqrt(head_dim): muP's 1/d attention relative to its
+    # base width (`models/mup.py`); 1 skips it.
+    query_multiplier: float = 1.0
 
     @nn.compact
     def __call__(self, x_BTD, x_kv_BSD=None, *, causal: bool = False, kv_valid_BS=None, mask_BTS=None,
@@ -254,6 +257,8 @@ class MultiHeadAttention(nn.Module):
         v = Dense((self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'kv'), dtype=self.dtype,
                   name='value')(x_kv_BSD)
         q = constrain(q, ('act_batch', 'act_length', 'act_heads', None))
+        if self.query_multiplier != 1.0:
+            q = q * jnp.asarray(self.query_multiplier, q.dtype)
         t = x_BTD.shape[1]
         use_cache = self.decode and self_attention
         index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32)) if use_cache else None

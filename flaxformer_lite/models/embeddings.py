@@ -16,21 +16,29 @@ class Embed(nn.Module):
     """Token embedding table [vocab, d_model]; `attend` reuses it as the output projection.
 
     With `scale`, looked-up vectors are multiplied by sqrt(d_model) (the paper, 3.4), so
-    that they are not drowned by the positional encoding of unit amplitude.
+    that they are not drowned by the positional encoding of unit amplitude. The table is
+    initialised with std 1/sqrt(d_model). `scale_width` replaces d_model in both (muP's
+    base width, `models/mup.py`: entries and updates of one size at every width).
     """
     vocab_size: int
     d_model: int
     scale: bool = True
     dtype: Dtype = jnp.float32
+    scale_width: int | None = None  # default d_model
+
+    @property
+    def width(self) -> int:
+        """The width of the init's 1/sqrt and the multiplier's sqrt."""
+        return self.d_model if self.scale_width is None else self.scale_width
 
     def setup(self):
         self.embedding = self.param(
-            'embedding', partitioned(nn.initializers.normal(stddev=self.d_model**-0.5), ('vocab', 'embed')),
+            'embedding', partitioned(nn.initializers.normal(stddev=self.width**-0.5), ('vocab', 'embed')),
             (self.vocab_size, self.d_model), jnp.float32)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         x_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
-        return x_BTD * jnp.sqrt(self.d_model).astype(self.dtype) if self.scale else x_BTD
+        return x_BTD * jnp.sqrt(self.width).astype(self.dtype) if self.scale else x_BTD
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Logits against every token: x @ E^T (shared input/output embeddings)."""

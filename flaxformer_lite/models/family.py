@@ -88,3 +88,6 @@ class ModelFamily:
     # KV cache)}, optionally 'per_source_token' (what a seq2seq decoder attends over).
     # The quantity Zoology (Arora et al. 2023) relates to recall; `--describe` prints it.
     state_size: Callable[[ModelCfg, TaskSpec], dict[str, int]] | None = None
+    # The model field holding the width muP scales by (`models/mup.py`): the Transformer's
+    # d_model, the recurrent and fixed-state families' hidden.
+    width_field: str = 'hidden'

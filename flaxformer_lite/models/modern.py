@@ -26,9 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite.models import mup
 from flaxformer_lite.models.embeddings import Embed
 from flaxformer_lite.models.layers import Dense, FeedForward, Norm, constrain, dtype_of
-from flaxformer_lite.models.transformer import pool
+from flaxformer_lite.models.transformer import pool, readout_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,15 @@ class ModernConfig:
     ssm_conv: int = 4
     ssm_expand: int = 2
     mingru_expand: int = 1
+    mup_base_width: int | None = None  # muP's base hidden (optim.base_width); None: standard (models/mup.py)
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.num_heads
+
+    @property
+    def readout_multiplier(self) -> float:
+        return mup.readout_multiplier(self.hidden, self.mup_base_width)
 
     @property
     def mlp_width(self) -> int:
@@ -110,7 +116,8 @@ class _Stack(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = Embed(c.vocab_size, c.hidden, scale=c.scale_embeddings, dtype=dtype_of(c.dtype))
+        self.embed = Embed(c.vocab_size, c.hidden, scale=c.scale_embeddings, dtype=dtype_of(c.dtype),
+                           scale_width=mup.embed_width(c.hidden, c.mup_base_width))
         self.layers = [Layer(c, self.mixer_cls) for _ in range(c.num_layers)]
         self.final_norm = Norm(c.norm, dtype=dtype_of(c.dtype))
         self.drop = nn.Dropout(c.dropout)
@@ -133,6 +140,7 @@ class ModernLM(_Stack):
         self.head = None if c.share_embeddings else Dense(c.num_outputs, ('embed', 'vocab'), dtype=dtype_of(c.dtype))
 
     def _logits(self, x_BTD: jax.Array) -> jax.Array:
+        x_BTD = readout_input(self.cfg, x_BTD)
         logits = self.embed.attend(x_BTD) if self.head is None else self.head(x_BTD)
         return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
 
@@ -163,5 +171,5 @@ class ModernClassifier(_Stack):
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
         tokens_BT = batch['inputs']
         pooled = pool(self.features(tokens_BT, train), tokens_BT != self.cfg.pad_id, self.cfg.pooling)
-        out = self.head(pooled.astype(jnp.float32))
+        out = self.head(readout_input(self.cfg, pooled.astype(jnp.float32)))
         return out[:, 0] if self.regression else out

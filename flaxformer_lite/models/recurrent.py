@@ -25,12 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite.models import mup
 from flaxformer_lite.models.embeddings import Embed
 from flaxformer_lite.models.layers import Dense, constrain, dtype_of, partitioned
 from flaxformer_lite.models.recurrent_cells import (CARRY_SIZE, Carry, RecurrentLayer, cell_params,
                                                     cell_update, flat_recurrent, matmul, recurrent_product,
                                                     zero_carry)
-from flaxformer_lite.models.transformer import pool, shift_right
+from flaxformer_lite.models.transformer import pool, readout_input, shift_right
 
 _NEG = -1e30
 
@@ -56,10 +57,15 @@ class RecurrentConfig:
     pad_id: int = 0
     bos_id: int = 1
     fused: bool = True  # custom-VJP recurrence (False: plain scan + autodiff, the reference)
+    mup_base_width: int | None = None  # muP's base hidden (optim.base_width); None: standard (models/mup.py)
 
     @property
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def readout_multiplier(self) -> float:
+        return mup.readout_multiplier(self.hidden, self.mup_base_width)
 
     @classmethod
     def from_mapping(cls, fields: Mapping[str, Any]) -> 'RecurrentConfig':
@@ -135,7 +141,8 @@ class RecurrentStack(nn.Module):
 
 
 def _embed(c: RecurrentConfig, vocab: int) -> Embed:
-    return Embed(vocab, c.hidden, scale=c.scale_embeddings, dtype=dtype_of(c.dtype))
+    return Embed(vocab, c.hidden, scale=c.scale_embeddings, dtype=dtype_of(c.dtype),
+                 scale_width=mup.embed_width(c.hidden, c.mup_base_width))
 
 
 def embed_inputs(c: RecurrentConfig, embed: Embed, drop: nn.Dropout, tokens_BT: jax.Array,
@@ -151,7 +158,7 @@ def embed_inputs(c: RecurrentConfig, embed: Embed, drop: nn.Dropout, tokens_BT: 
         dt = dtype_of(c.dtype)
         table = embed.embedding.astype(dt)
         if c.scale_embeddings:
-            table = table * jnp.sqrt(c.hidden).astype(dt)
+            table = table * jnp.sqrt(embed.width).astype(dt)
         return dict(x_TBD=None, tokens=(tokens_TB, table))
     return dict(x_TBD=drop(embed(tokens_TB), deterministic=deterministic))
 
@@ -162,7 +169,9 @@ def _head(c: RecurrentConfig) -> Dense:
 
 def _vocab_logits(c: RecurrentConfig, y_BTH: jax.Array, embed: Embed, head: Dense | None) -> jax.Array:
     """Output projection (the shared embedding's transpose or a Dense), float32 logits,
-    computed on the flattened [B*T, H] array (see `recurrent_cells.matmul`)."""
+    computed on the flattened [B*T, H] array (see `recurrent_cells.matmul`), its input
+    times muP's readout multiplier (where it is not 1)."""
+    y_BTH = readout_input(c, y_BTH)
     b, t, h = y_BTH.shape
     if head is None:
         logits = matmul(y_BTH, embed.embedding.T, dtype_of(c.dtype))
@@ -225,7 +234,7 @@ class RecurrentClassifier(nn.Module):
         inputs = embed_inputs(c, self.embed, self.drop, tokens_BT, not train)
         y_TBH, _ = self._stack()(**inputs, mask_TB=valid_BT.T, deterministic=not train)
         pooled = pool(y_TBH.transpose(1, 0, 2), valid_BT, c.pooling)
-        out = self.head(pooled.astype(jnp.float32))
+        out = self.head(readout_input(c, pooled.astype(jnp.float32)))
         return out[:, 0] if self.regression else out
 
 

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite.models import mup
 from flaxformer_lite.models.attention import MultiHeadAttention
 from flaxformer_lite.models.embeddings import AddPositions, Embed
 from flaxformer_lite.models.layers import Dense, FeedForward, Norm, constrain, dtype_of
@@ -56,10 +57,15 @@ class TransformerConfig:
     pad_id: int = 0
     bos_id: int = 1
     decode: bool = False  # build for cached autoregressive decoding
+    mup_base_width: int | None = None  # muP's base d_model (optim.base_width); None: standard (models/mup.py)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def readout_multiplier(self) -> float:
+        return mup.readout_multiplier(self.d_model, self.mup_base_width)
 
     @classmethod
     def from_mapping(cls, fields: Mapping[str, Any]) -> 'TransformerConfig':
@@ -89,7 +95,8 @@ class Block(nn.Module):
         cfg = self.cfg
         attn = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                     d_model=cfg.d_model, impl=cfg.attention_impl, block_size=cfg.attention_block_size,
-                    dropout=cfg.attention_dropout, dtype=dtype_of(cfg.dtype))
+                    dropout=cfg.attention_dropout, dtype=dtype_of(cfg.dtype),
+                    query_multiplier=mup.query_multiplier(cfg.d_model, cfg.mup_base_width))
         self_attn = MultiHeadAttention(**attn, rotary=cfg.pos_encoding == 'rotary', decode=cfg.decode and self.causal,
                                        max_len=cfg.max_len, name='self_attention')
         x_BTD = self._sublayer('self_attention', lambda h: self_attn(
@@ -168,17 +175,27 @@ class _Embedder(nn.Module):
 
 
 def _embed(cfg: TransformerConfig, vocab: int, name: str) -> Embed:
-    return Embed(vocab, cfg.d_model, scale=cfg.scale_embeddings, dtype=dtype_of(cfg.dtype), name=name)
+    return Embed(vocab, cfg.d_model, scale=cfg.scale_embeddings, dtype=dtype_of(cfg.dtype), name=name,
+                 scale_width=mup.embed_width(cfg.d_model, cfg.mup_base_width))
 
 
 def _logits(cfg: TransformerConfig, x_BTD, shared: Embed | None, name: str = 'logits'):
-    """Output projection to the vocabulary: the shared embedding's transpose or a Dense.
-    Logits are float32; the softmax lives in the loss (`train/losses.py`)."""
+    """Output projection to the vocabulary: the shared embedding's transpose or a Dense, its
+    input times muP's readout multiplier (where it is not 1). Logits are float32; the
+    softmax lives in the loss (`train/losses.py`)."""
+    x_BTD = readout_input(cfg, x_BTD)
     if shared is not None:
         logits = shared.attend(x_BTD)
     else:
         logits = Dense(cfg.num_outputs, ('embed', 'vocab'), dtype=dtype_of(cfg.dtype), name=name)(x_BTD)
     return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+
+
+def readout_input(cfg: Any, x: jax.Array) -> jax.Array:
+    """x times `cfg.readout_multiplier` (muP's base_width / width: MuReadout's), or x
+    itself where that is 1 (the standard parametrisation, or muP at its base width)."""
+    multiplier = cfg.readout_multiplier
+    return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
 
 
 def shift_right(targets_BT: jax.Array, bos_id: int) -> jax.Array:
@@ -262,8 +279,8 @@ class EncoderClassifier(nn.Module):
         x = _Embedder(cfg, _embed(cfg, cfg.vocab_size, 'embed'), not train, name='embedder')(tokens)
         x = Stack(cfg, cfg.num_layers, causal=self.causal, cross=False, deterministic=not train,
                   name='decoder' if self.causal else 'encoder')(x, None, valid)
-        pooled = pool(x, valid, cfg.pooling)
-        out = Dense(cfg.num_outputs, ('embed', None), dtype=jnp.float32, name='head')(pooled.astype(jnp.float32))
+        pooled = readout_input(cfg, pool(x, valid, cfg.pooling).astype(jnp.float32))
+        out = Dense(cfg.num_outputs, ('embed', None), dtype=jnp.float32, name='head')(pooled)
         return out[:, 0] if self.regression else out
 
 

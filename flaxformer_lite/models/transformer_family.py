@@ -213,4 +213,5 @@ def state_size(m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
 
 
 TRANSFORMER = ModelFamily(name='transformer', resolve=resolve, build=build, count_params=count_params,
-                          flops_per_example=flops_per_example, decoder=decoder, state_size=state_size)
+                          flops_per_example=flops_per_example, decoder=decoder, state_size=state_size,
+                          width_field='d_model')
