@@ -132,6 +132,11 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
         b2=0.98,
         eps=1e-9,
         grad_clip=1.0,  # global norm; 0 disables
+        # sp: the standard parametrisation. mup: Tensor Programs V's for Adam (models/mup.py): a
+        # learning rate tuned at width optim.base_width holds at the model's width (the Transformer's
+        # d_model, the other families' hidden). mup at width == base_width computes sp's numbers.
+        parametrization='sp',
+        base_width=placeholder(int),  # mup's base width (<= the model's); unused by sp
     ))
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=200,
@@ -455,6 +460,24 @@ def check(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError('config field optim.learning_rate must be positive')
     if cfg.optim.warmup_steps < 0:
         raise ConfigError('config field optim.warmup_steps must be >= 0')
+    check_parametrization(cfg.optim)
+
+
+def check_parametrization(optim: ml_collections.ConfigDict) -> None:
+    """optim.parametrization and optim.base_width (the model's own width is checked
+    against it in `experiment.resolve`)."""
+    if optim.parametrization not in ('sp', 'mup'):
+        close = difflib.get_close_matches(str(optim.parametrization), ['sp', 'mup'], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise ConfigError(f"config field optim.parametrization='{optim.parametrization}' is not one of sp, mup"
+                          f"{hint}")
+    base = optim.base_width
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base <= 0):
+        raise ConfigError(f'config field optim.base_width={base!r} must be a positive integer (the width the '
+                          f'learning rate was tuned at)')
+    if optim.parametrization == 'mup' and base is None:
+        raise ConfigError('optim.parametrization=mup needs optim.base_width: set it to the width the learning '
+                          'rate was tuned at (the model\'s own width makes mup equal sp)')
 
 
 def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

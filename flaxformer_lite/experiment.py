@@ -25,7 +25,7 @@ class Experiment:
     task: Task
     eval_tasks: dict[str, Task]  # tag prefix ('eval', 'eval/dep_64', ...) -> task
     family: ModelFamily
-    model_cfg: dict[str, Any]
+    model_cfg: dict[str, Any]  # the resolved model fields (+ `mup_base_width` under optim.parametrization=mup)
     derived: tuple[str, ...] = ()  # fields left unset in the config as given (resolution fills them)
 
     @property
@@ -77,8 +77,23 @@ def resolve(cfg: ml_collections.ConfigDict) -> Experiment:
         cfg.train.steps = steps_for_budget(cfg, family, resolved, task.spec)
         derived += ('train.steps',)
     cfg.lock()
-    return Experiment(config=cfg, task=task, eval_tasks=eval_tasks, family=family, model_cfg=resolved,
-                      derived=derived)
+    return Experiment(config=cfg, task=task, eval_tasks=eval_tasks, family=family,
+                      model_cfg={**resolved, **parametrization(cfg, family, resolved)}, derived=derived)
+
+
+def parametrization(cfg: ml_collections.ConfigDict, family: ModelFamily, model_cfg: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The model hyperparameters optim.parametrization adds (`models/mup.py`): under muP,
+    `mup_base_width` (every module that builds the model sees it: training, evaluation,
+    decoding); nothing under SP. A base width above the model's width is refused."""
+    if cfg.optim.parametrization != 'mup':
+        return {}
+    width, base = model_cfg[family.width_field], cfg.optim.base_width
+    if base > width:
+        raise ConfigError(f'optim.base_width={base} is larger than the width of this model '
+                          f'(model.{family.width_field}={width}); '
+                          f'use a base width <= {width} (the narrow model the learning rate was tuned at)')
+    return {'mup_base_width': base}
 
 
 def steps_for_budget(cfg: ml_collections.ConfigDict, family: ModelFamily, model_cfg: dict[str, Any],
