@@ -76,7 +76,7 @@ def build(exp: Experiment) -> Setup:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_params, rng)
     frozen = transfer.frozen_mask(cfg.train.freeze, nn.unbox(boxed)) if cfg.train.freeze else None
-    tx, lr = optimizer.make(cfg.optim, cfg.train.steps, frozen)
+    tx, lr = optimizer.make(cfg.optim, cfg.train.steps, frozen, width=exp.model_cfg[exp.family.width_field])
 
     def init_fn(rng):
         params = nn.unbox(init_params(rng))
