@@ -66,10 +66,10 @@ def hparam_columns(values: Mapping[str, Any], first: Sequence[str] = ()) -> list
 def trial_id(sweep: str, values: Mapping[str, Any], swept: Sequence[str]) -> str:
     """A sweep trial's short name in the HParams tab: 'tvl/lstm mini L16 s1' (the sweep,
     the family, 'xfmr' for the Transformer, then the swept values in short form: the
-    size, the others, the seed).
-    Every swept value appears, so the names of a sweep's trials differ, and the sweep's
-    name keeps them apart from other sweeps' trials. Values all trials share are left
-    out: TensorBoard gives the name a column about 16 characters wide."""
+    size, the others, the seed). Every swept value appears, so the names of a sweep's
+    trials differ, and the sweep's name keeps them apart from other sweeps' trials.
+    Besides the family, values all trials share are left out: TensorBoard gives the name
+    a column about 16 characters wide."""
     order = ('model.size', *(f for f in swept if f not in ('model.name', 'model.size', 'train.seed')), 'train.seed')
     fields = ['model.name', *(f for f in order if f in swept)]
     last = [f.rsplit('.', 1)[-1] for f in fields]
