@@ -312,6 +312,17 @@ CASES = [
     ('slurm_args_not_options', lambda c: (c.sweep_run('sweep.seeds(2)', '--slurm=write', '--slurm_args=gpu'),
                                           c.tmp / 's'),
      ["--slurm_args: 'gpu' is not an sbatch option", 'write them as --name=value']),
+    # -- the parametrisation (optim.parametrization, optim.base_width)
+    ('parametrization_unknown', lambda c: (c.train(c.tmp / 'w', '--config.optim.parametrization=mu'), c.tmp / 'w'),
+     ["config field optim.parametrization='mu' is not one of sp, mup", "did you mean 'mup'?"]),
+    ('mup_without_base_width', lambda c: (c.train(c.tmp / 'w', '--config.optim.parametrization=mup'), c.tmp / 'w'),
+     ['optim.parametrization=mup needs optim.base_width', 'set it to the width the learning rate was tuned at']),
+    ('base_width_not_positive', lambda c: (c.train(c.tmp / 'w', '--config.optim.parametrization=mup',
+                                                   '--config.optim.base_width=0'), c.tmp / 'w'),
+     ['config field optim.base_width=0 must be a positive integer']),
+    ('base_width_above_the_width', lambda c: (c.train(c.tmp / 'w', '--config.optim.parametrization=mup',
+                                                      '--config.optim.base_width=64'), c.tmp / 'w'),
+     ['optim.base_width=64 is larger than the width of this model (model.d_model=32)', 'use a base width <= 32']),
 ]
 
 
