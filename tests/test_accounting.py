@@ -276,6 +276,7 @@ def _launch(workdir, *mesh: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_lstm_tiny_trains_on_8_fake_devices_under_fsdp_and_fsdp_tp(tmp_path):
     """The matched width (80) splits over fsdp=8 and over fsdp=2 x tensor=2; with 79 both
     were refused. The two runs go in parallel (one process each, mostly compiling)."""

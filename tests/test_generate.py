@@ -69,6 +69,7 @@ def test_temperature_0_is_greedy_decoding_of_the_full_model_and_beam_1_is_too(mo
     assert len(sampled) > 1  # sampling at temperature 1 depends on the seed
 
 
+@pytest.mark.slow  # trains a model until it copies
 def test_a_model_trained_to_copy_generates_the_copy(tmp_path, capsys, compilation_cache):
     workdir = str(tmp_path / 'copy')
     fields = [f'--config.{k}={v}' for k, v in dict(

@@ -23,6 +23,7 @@ def _train(cfg, workdir):
     return train_and_evaluate(experiment.resolve(cfg), workdir, verbose=False)
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_training_learns_recall_well_above_chance(workdir):
     cfg = tiny_config(train__steps=150, eval__every_steps=150, train__log_every=10, eval__num_examples=256)
     result = _train(cfg, workdir)
@@ -132,6 +133,7 @@ def test_foreign_or_file_workdir_is_refused(tmp_path):
     assert afile.read_text() == 'x'
 
 
+@pytest.mark.slow  # signals a real run and resumes it
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     import signal
     import subprocess
