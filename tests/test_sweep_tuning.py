@@ -80,6 +80,14 @@ def test_a_tuning_definition_that_cannot_work_is_one_line(kw, message):
     assert '\n' not in str(e.value)
 
 
+def test_the_runner_knows_which_fields_are_inputs_of_the_compiled_step():
+    """Trials that differ only in these are not started side by side (the second reads
+    what the first compiled), so the list must be the optimizer's own."""
+    from flaxformer_lite.sweep import runner
+    from flaxformer_lite.train import optimizer
+    assert set(runner.DATA_FIELDS) == {'train.seed', *optimizer.STEP_INPUTS.values()}
+
+
 FIELDS = {**TINY_RECALL, **TINY_MODEL, 'train.steps': 12, 'train.batch_size': 8, 'train.log_every': 6,
           'eval.every_steps': 6, 'eval.num_examples': 16, 'checkpoint.every_steps': 12, 'optim.warmup_steps': 2}
 EXPERIMENT = f'''

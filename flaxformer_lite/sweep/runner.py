@@ -190,10 +190,15 @@ def _duration(seconds: float) -> str:
     return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
+# Fields that enter the compiled programs as data, not constants: the seed, and the train
+# step's hyperparameter inputs (train/optimizer.py STEP_INPUTS; a test checks they agree).
+DATA_FIELDS = ('train.seed', 'optim.learning_rate')
+
+
 def _shapes(trial: TrialSpec) -> tuple:
-    """What a trial compiles is fixed by everything but its seed (the seed enters the
-    compiled programs as data), so trials alike but for the seed share the compilation cache."""
-    return tuple(sorted((k, repr(v)) for k, v in trial.overrides.items() if k != 'train.seed'))
+    """What a trial compiles is fixed by everything but DATA_FIELDS, so trials alike but
+    for them (seeds, a learning-rate grid) share the compilation cache."""
+    return tuple(sorted((k, repr(v)) for k, v in trial.overrides.items() if k not in DATA_FIELDS))
 
 
 def _next_trial(ready: list[TrialSpec], running: list[TrialSpec]) -> TrialSpec | None:
