@@ -35,7 +35,7 @@ FAMILIES = [
     ('mingru', {'model__hidden': 32, 'model__mingru_expand': 2}),
 ]
 IDS = [f[0] for f in FAMILIES]
-OPTIM = {'optim__weight_decay': 0.1, 'optim__learning_rate': 1e-2, 'optim__warmup_steps': 1}
+OPTIM = {'optim__weight_decay': 0.1, 'optim__learning_rate': 1e-2, 'optim__warmup_steps': 2}
 
 
 def _batch(exp, n=8):
@@ -43,7 +43,7 @@ def _batch(exp, n=8):
     return {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}
 
 
-def _train(cfg, steps=3):
+def _train(cfg, steps=4):
     """Losses of `steps` train steps on one batch, and the parameters after them."""
     exp = experiment.resolve(cfg)
     s = setup_lib.build(exp)
@@ -58,13 +58,14 @@ def _train(cfg, steps=3):
 
 @pytest.mark.parametrize('name,extra', FAMILIES, ids=IDS)
 def test_mup_at_its_base_width_is_sp_bit_for_bit(name, extra):
-    """Every multiplier is exactly 1 there and skipped, so the losses of three steps (with
-    weight decay, warmup and clipping) and the parameters after them are identical."""
+    """Every multiplier is exactly 1 there and skipped, so the losses of four steps (with
+    weight decay, warmup and clipping; three updates) and the parameters after them are
+    identical to the bit."""
     sp_losses, sp_params = _train(tiny_config(model=name, **extra, **OPTIM))
     mup_losses, mup_params = _train(tiny_config(model=name, **extra, **OPTIM, optim__parametrization='mup',
                                                 optim__base_width=32))
     np.testing.assert_array_equal(mup_losses, sp_losses)
-    assert sp_losses[-1] < sp_losses[0]  # it trained
+    assert len(set(sp_losses.tolist())) >= 3 and sp_losses[-1] < sp_losses[0]  # it trained
     jax.tree.map(np.testing.assert_array_equal, mup_params, sp_params)
 
 
