@@ -405,6 +405,7 @@ LEARNING = {'linear_attention': ('tiny', 1e-2, [], True), 'mingru': ('micro', 1e
             'mamba': ('micro', 1e-2, ['--config.model.ssm_state=8', '--config.train.batch_size=16'], False)}
 
 
+@pytest.mark.slow  # learns to a threshold
 @pytest.mark.parametrize('name', FAMILIES)
 def test_learns_recall_well_above_chance(name, tmp_path):
     """Through launch's path with `configs/recall.py:quick` (the lm shape), each
@@ -423,6 +424,7 @@ def test_learns_recall_well_above_chance(name, tmp_path):
     assert chance == 0.25 and accuracy >= 0.5, (name, accuracy)
 
 
+@pytest.mark.slow  # trains each family's quick classification config
 @pytest.mark.parametrize('name', FAMILIES)
 def test_quick_classification_config_trains(name, tmp_path, capsys, fast_compile):
     """`configs/listops.py:quick,model=NAME` (the classifier shape) for a few steps."""

@@ -147,7 +147,7 @@ def test_cached_decoding_equals_full_pass(spec, variant):
     np.testing.assert_allclose(_stepwise_logits(m, spec, params, batch), full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('scan', [False, True])
+@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_beam_one_equals_greedy(scan):
     batch = batch_for(S2S)
     m = model_cfg(S2S, scan_layers=scan)
