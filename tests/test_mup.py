@@ -26,15 +26,18 @@ from conftest import ROOT, tiny_config
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import coord_check  # noqa: E402
 
-# One of each family (its mixer's options that add parameters switched on), width 32.
-FAMILIES = [
+# One of each family (its mixer's options that add parameters switched on), width 32; the
+# fixed-state families in the full suite only (each compiles a few seconds' worth).
+_slow = pytest.mark.slow
+ONE_OF_EACH = [
     ('transformer', {}),
     ('lstm', {'model__hidden': 32, 'model__share_embeddings': False}),
     ('mamba', {'model__hidden': 32}),
     ('linear_attention', {'model__hidden': 32, 'model__la_decay': 'gated'}),
     ('mingru', {'model__hidden': 32, 'model__mingru_expand': 2}),
 ]
-IDS = [f[0] for f in FAMILIES]
+FAMILIES = [pytest.param(n, e, marks=() if n in ('transformer', 'lstm') else _slow) for n, e in ONE_OF_EACH]
+IDS = [n for n, _ in ONE_OF_EACH]
 OPTIM = {'optim__weight_decay': 0.1, 'optim__learning_rate': 1e-2, 'optim__warmup_steps': 2}
 
 
@@ -121,7 +124,7 @@ def test_a_parameter_of_unknown_role_is_refused():
 
 
 # Every kind of parameter, in its shapes: the roles by name against microsoft/mup's rule.
-SHAPE_VARIANTS = FAMILIES + [
+SHAPE_VARIANTS = ONE_OF_EACH + [
     ('transformer', {'model__ffn': 'swiglu', 'model__pos_encoding': 'learned', 'model__scan_layers': True}),
     ('gru', {'model__hidden': 32}), ('rnn', {'model__hidden': 32}),
     ('linear_attention', {'model__hidden': 32, 'model__la_feature_map': 'identity', 'model__la_decay': 'retnet'}),
@@ -216,7 +219,7 @@ def test_readout_is_multiplied_by_base_over_width(name, task, extra):
     np.testing.assert_allclose(model.apply({'params': params}, batch), sp / 4, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('name', ['transformer', 'lstm', 'mamba'])
+@pytest.mark.parametrize('name', ['transformer', pytest.param('lstm', marks=_slow), pytest.param('mamba', marks=_slow)])
 def test_decoding_under_mup_equals_the_full_pass(name):
     """The decoder builds its own model from the experiment's model config: muP's
     multipliers reach it (greedy tokens equal the full pass's argmax)."""
@@ -257,6 +260,7 @@ def test_sp_ignores_a_base_width():
 
 
 # --- the coordinate check ------------------------------------------------------------------------
+@pytest.mark.slow  # four widths, both parametrisations
 def test_coordinate_check_is_flat_in_width_under_mup_and_grows_under_sp(capsys):
     """Widths 16, 32, 64, 128 of a 2-layer Transformer, 4 Adam steps at 1e-2 on one batch.
     mup: every layer's output and the logits within a factor 2 between x8 and x1; the
