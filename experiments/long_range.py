@@ -35,7 +35,7 @@ from flaxformer_lite.config import experiment_options, make_config
 from flaxformer_lite.tasks import REGISTRY
 
 CLASSIC = ('transformer', 'lstm', 'gru', 'rnn')
-# Fixed-state families (issue 16): linear attention and minGRU in quick, at its smallest
+# Fixed-state families: linear attention and minGRU in quick, at its smallest
 # size only (at tiny, length 64 their parallel scans cost 76 s and 98 s a trial on one
 # core against 33 s for the GRU: measured; with them at both sizes the quick form took
 # 14 min); Mamba only in full (its [batch, length, channels, state] scan costs 400 s a

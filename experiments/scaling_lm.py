@@ -26,7 +26,7 @@ shows: 40 trials), `first_seed=2,seeds=2` a rerun to check it against.
 from flaxformer_lite import sweep
 from flaxformer_lite.config import experiment_options, make_config
 
-FAMILIES = ('transformer', 'lstm', 'linear_attention', 'mingru')  # the last two: fixed-state (issue 16)
+FAMILIES = ('transformer', 'lstm', 'linear_attention', 'mingru')  # the last two: fixed-state
 # Quick widths: 2 layers, 16-dimensional heads, d_ff = 4 d (the recurrent width is matched).
 # 128 was dropped for 24: its four trials took 632 s of the 1,783 s the
 # quick form's 20 trials took (measured), which held the quick form at 17 minutes.

@@ -1,5 +1,5 @@
 """XLA's SPMD partitioner gets one dot layout wrong on a 2x2x2 mesh, which is why the recurrent
-stack does not pin its time-major states (issue 10, item 9). Pure jax, 8 fake CPU devices:
+stack does not pin its time-major states. Pure jax, 8 fake CPU devices:
 
     python experiments/xla_scan_sharding_repro.py      # prints the errors, asserts nothing
 
