@@ -128,16 +128,12 @@ def _step_beyond(values: Sequence[Any], edge: Any, upward: bool) -> Any | None:
     return type(edge)(out) if isinstance(edge, int) and float(out).is_integer() else float(f'{out:.6g}')
 
 
-def lower_is_better(metric: str) -> bool:
-    name = metric.rsplit('/', 1)[-1]
-    return name in ('loss', 'mse', 'perplexity', 'bits_per_byte', 'error') or name.endswith('loss')
-
-
 def select(spec: Tuned, results: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
            extensions: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     """The choice per group from the tuning trials' (overrides, results.json) pairs:
     {'metric', 'fields', 'groups': [{group, curve: [[value, mean, n]], chosen, at_edge,
     extended}], 'extensions': {group key: values to add}}. Only the validation metric is read."""
+    from flaxformer_lite.analysis.tables import lower_is_better  # the report's own rule, so both agree
     field = next(iter(spec.grid))
     lower = lower_is_better(spec.metric)
     by_group: dict[str, dict[str, list[float]]] = {}
