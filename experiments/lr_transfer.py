@@ -50,7 +50,8 @@ def get_config(arg=None):
     m = MODES[mode]
     fields = {'model.name': o['family'], 'model.num_layers': m['layers'], 'task.seq_len': m['seq_len'],
               'train.batch_size': m['batch'], 'train.steps': m['steps'], 'optim.warmup_steps': m['steps'] // 20,
-              'optim.base_width': m['widths'][0], 'train.log_every': 50, 'eval.every_steps': m['steps'] // 2,
+              'optim.base_width': m['widths'][0], 'train.log_every': 50,
+              'eval.every_steps': m['steps'] // 8,  # 3 evaluations in the last quarter: a convergence verdict
               'checkpoint.every_steps': m['steps'] // 2, 'eval.num_examples': 256 if mode == 'quick' else 2048}
     fields.update(_width(o['family'], m, m['widths'][0]))
     if o['files']:
