@@ -5,6 +5,7 @@ sweep as a job array on a real SLURM."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -195,3 +196,41 @@ def test_the_sweep_runs_as_a_slurm_job_array(slurm, tmp_path):  # noqa: F811
     assert len([p for p in os.listdir(workdir / 'logs') if p.startswith('slurm-')]) == 2
     again = _launch(f'--config={config}:two', '--sweep', f'--workdir={workdir}', '--slurm', env=slurm['env'])
     assert again.returncode == 0 and 'every trial is done; nothing to submit' in again.stderr
+
+
+TUNED = f'''
+from flaxformer_lite import sweep
+from flaxformer_lite.config import make_config
+
+def get_config(arg=None):
+    return make_config(None, task='recall', defaults={FIELDS!r})
+
+def get_sweep(arg=None):
+    main = sweep.product({{'task.dependency_length': [3, 4]}})
+    return sweep.tuned(main, {{'optim.learning_rate': [1e-3, 1e-2]}}, by=('task.dependency_length',), extend=False)
+'''
+
+
+def test_a_tuned_sweep_runs_as_two_dependent_job_arrays(slurm, tmp_path):  # noqa: F811
+    """--slurm submits the tuning trials as one array and the main trials as a second that
+    waits for it (afterok); the second array's tasks make the choice and run with it."""
+    config = tmp_path / 'tuned_experiment.py'
+    config.write_text(TUNED)
+    workdir = tmp_path / 'tuned_on_slurm'
+    proc = _launch(f'--config={config}', '--sweep', f'--workdir={workdir}', '--slurm', '--slurm_args=--time=10:00',
+                   env=slurm['env'])
+    assert proc.returncode == 0, proc.stderr
+    tune_job, main_job = re.search(r'submitted tuning job (\d+) and main job (\d+)', proc.stderr).groups()
+    shown = subprocess.run(['scontrol', 'show', 'job', main_job], env=slurm['env'], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert 'afterok' in shown and tune_job in shown, shown
+    wait_for_job(slurm, main_job, timeout=480)
+    record = json.loads((workdir / 'tuning.json').read_text())
+    chosen = {g['group']['task.dependency_length']: g['chosen'] for g in record['groups']}
+    assert set(chosen) == {3, 4} and record['metric'] == 'eval/loss'
+    mains = [d for d in os.listdir(workdir) if d[:4].isdigit()]
+    assert len(mains) == 2
+    for d in mains:
+        results = json.loads((workdir / d / 'results.json').read_text())
+        assert results['status'] == 'done'
+        assert results['config']['optim.learning_rate'] == chosen[results['config']['task.dependency_length']]
