@@ -13,10 +13,10 @@ import shutil
 import subprocess
 
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.sweep.plan import LOG_DIR, Sweep
+from flaxformer_lite.sweep.plan import LOG_DIR, SLURM_SCRIPT, Sweep
 from flaxformer_lite.sweep.runner import child_env, read_status, trial_command
 
-SCRIPT = 'sweep.sbatch'
+SCRIPT = SLURM_SCRIPT
 
 
 def array_spec(indices: list[int]) -> str:
