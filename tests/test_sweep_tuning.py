@@ -53,6 +53,16 @@ def test_an_extended_edge_that_stays_at_the_edge_is_flagged_not_extended_again()
     assert record['pending_extensions'] == {}
 
 
+def test_a_choice_made_for_another_tuning_definition_is_one_line_not_a_key_error():
+    spec = _spec()
+    results = [(t, _record(t['optim.learning_rate'], 0.0)) for t in tuning.tune_trials(spec, {})]
+    record = tuning.select(spec, results, {})
+    regrouped = tuning.tuned(spec.main, spec.grid, by=('model.name', 'train.seed'))
+    with pytest.raises(UserError, match='chosen for another tuning definition') as e:
+        tuning.main_trials(regrouped, record)
+    assert '\n' not in str(e.value)
+
+
 def test_tuning_trials_cover_every_group_value_and_seed_at_the_budget():
     spec = _spec(seeds=2, budget={'train.steps': 50})
     trials = tuning.tune_trials(spec, {})
@@ -60,6 +70,9 @@ def test_tuning_trials_cover_every_group_value_and_seed_at_the_budget():
     assert all(t['train.steps'] == 50 for t in trials)
     assert {(t['model.name'], t['optim.learning_rate'], t['train.seed']) for t in trials} == {
         (m, lr, s) for m in ('transformer', 'lstm') for lr in (1e-3, 3e-3, 1e-2) for s in (0, 1)}
+    # a rerun with other seeds retunes with other seeds
+    rerun = tuning.tune_trials(_spec(seeds=2, first_seed=5), {})
+    assert sorted({t['train.seed'] for t in rerun}) == [5, 6]
 
 
 @pytest.mark.parametrize('kw,message', [
@@ -67,6 +80,7 @@ def test_tuning_trials_cover_every_group_value_and_seed_at_the_budget():
     (dict(grid={'optim.learning_rat': [1e-3, 1e-2]}), 'optim.learning_rat does not exist'),
     (dict(metric='test/loss'), 'not a validation metric'),
     (dict(by=('model.nam',)), 'by=model.nam is not a config field'),
+    (dict(first_seed=-1), 'first_seed=-1'),
     (dict(grid={'optim.learning_rate': [1e-3, 1e-2], 'optim.weight_decay': [0.0, 0.1]}), 'one field per stage'),
 ])
 def test_a_tuning_definition_that_cannot_work_is_one_line(kw, message):
@@ -121,6 +135,7 @@ def test_a_tuned_sweep_tunes_chooses_on_validation_and_runs_the_main_trials(tmp_
     assert not workdir.exists()
     proc = _launch(f'--config={config}', '--sweep', f'--workdir={workdir}', '--parallel=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '2 main trial(s) are tuning trials already run' in proc.stderr, proc.stderr[-3000:]
     record = json.loads((workdir / 'tuning.json').read_text())
     assert record['metric'] == 'eval/loss' and record['field'] == 'optim.learning_rate'
     tune_dirs = [d for d in os.listdir(workdir / 'tune') if d[:4].isdigit()]
@@ -138,6 +153,11 @@ def test_a_tuned_sweep_tunes_chooses_on_validation_and_runs_the_main_trials(tmp_
                  if d[:4].isdigit()]
         mine = [m for m in mains if m['config']['model.d_model'] == width]
         assert len(mine) == 2 and all(m['config']['optim.learning_rate'] == group['chosen'] for m in mine)
+        # the seed-0 main trial repeats a tuning trial exactly: copied, not trained again
+        reused = [m for m in mine if m.get('reused_from')]
+        assert [m['config']['train.seed'] for m in reused] == [0]
+        original = json.loads((workdir / reused[0]['reused_from'] / 'results.json').read_text())
+        assert original['metrics'] == reused[0]['metrics'] and original['workdir'] != reused[0]['workdir']
     before = tree_snapshot(workdir)
     again = _launch(f'--config={config}', '--sweep', f'--workdir={workdir}')
     assert again.returncode == 0 and '4 done, 0 to run' in again.stderr, again.stderr[-2000:]

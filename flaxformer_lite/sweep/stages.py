@@ -3,6 +3,9 @@ split, then the main trials; here (`--parallel=N`) or as two dependent SLURM job
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 from typing import Any, Mapping
 
@@ -53,7 +56,40 @@ def run_local(config: str, overrides: Mapping[str, str], workdir: str, parallel:
     print(describe(record), file=sys.stderr, flush=True)
     main = plan.load(config, overrides, workdir)
     main.record()
+    reused = reuse_tuning_runs(tune, main)
+    if reused:
+        print(f'sweep {main.name}: {reused} main trial(s) are tuning trials already run (the same fields, the same '
+              f'seed); their runs are copied from {tuning.TUNE_DIR}/, not trained again', file=sys.stderr)
     return runner.run_local(main, parallel)
+
+
+def reuse_tuning_runs(tune: plan.Sweep, main: plan.Sweep) -> int:
+    """Copy each finished tuning run that a main trial repeats exactly (the same fields and
+    seed, so training it again would give the same bits) into that main trial's folder,
+    with `reused_from` naming the original in its results.json. A main trial that has a
+    folder already is left alone. Returns how many were copied."""
+    from flaxformer_lite.train import results as results_lib
+    done = {}
+    for t in tune.trials:
+        record = runner.read_status(tune, t)
+        if record.get('status') == 'done':
+            done[json.dumps(t.overrides, sort_keys=True, default=list)] = tune.trial_workdir(t)
+    copied = 0
+    for t in main.trials:
+        source = done.get(json.dumps(t.overrides, sort_keys=True, default=list))
+        target = main.trial_workdir(t)
+        if source is None or os.path.exists(target):
+            continue
+        partial = target + '.copying'
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        record = results_lib.read(partial)
+        record['workdir'] = target
+        record['reused_from'] = os.path.relpath(source, main.root)
+        results_lib.write(partial, record)
+        os.replace(partial, target)  # all or nothing: a killed copy leaves no half-done trial
+        copied += 1
+    return copied
 
 
 def ensure_choice(config: str, overrides: Mapping[str, str], workdir: str) -> None:

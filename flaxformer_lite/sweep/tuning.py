@@ -48,17 +48,21 @@ class Tuned:
     seeds: int = 1
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     extend: bool = True
+    first_seed: int = 0
 
 
 def tuned(main: Sequence[Mapping[str, Any]], grid: Mapping[str, Sequence[Any]], *, by: Sequence[str],
           metric: str = 'eval/loss', seeds: int = 1, budget: Mapping[str, Any] | None = None,
-          extend: bool = True) -> Tuned:
+          extend: bool = True, first_seed: int = 0) -> Tuned:
     """`main` (a list of trials, as `product` gives) with the fields of `grid` tuned per
     group of `by`, on validation `metric`, with `seeds` tuning seeds, at the main trials'
     budget or at `budget` (fields such as {'train.steps': 2000}); `extend=False` flags a
-    choice at the grid's edge instead of extending the grid. One field is tuned per stage."""
+    choice at the grid's edge instead of extending the grid. The tuning seeds are
+    `first_seed`, `first_seed` + 1, ... (a rerun with other seeds retunes with other seeds
+    too). One field is tuned per stage."""
     return Tuned(main=[dict(t) for t in main], grid={k: list(v) for k, v in grid.items()}, by=tuple(by),
-                 metric=metric, seeds=int(seeds), budget=dict(budget or {}), extend=bool(extend))
+                 metric=metric, seeds=int(seeds), budget=dict(budget or {}), extend=bool(extend),
+                 first_seed=int(first_seed))
 
 
 def check(spec: Tuned, known_field) -> None:
@@ -85,6 +89,8 @@ def check(spec: Tuned, known_field) -> None:
                         f"(for example 'eval/loss'), never on test/*")
     if spec.seeds < 1:
         raise UserError(f'{where}: seeds={spec.seeds}; give 1 or more tuning seeds')
+    if spec.first_seed < 0:
+        raise UserError(f'{where}: first_seed={spec.first_seed}; give a whole number, 0 or more')
 
 
 def group_key(trial: Mapping[str, Any], by: Sequence[str]) -> str:
@@ -110,7 +116,7 @@ def tune_trials(spec: Tuned, extensions: Mapping[str, Sequence[Any]]) -> list[di
     trials = []
     for key, base in groups(spec).items():
         for point in _points(spec, extensions.get(key, ())):
-            for seed in range(spec.seeds):
+            for seed in range(spec.first_seed, spec.first_seed + spec.seeds):
                 trials.append({**base, **spec.budget, **point, SEED_FIELD: seed})
     return trials
 
@@ -198,4 +204,9 @@ def main_trials(spec: Tuned, record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The main trials with their group's chosen value."""
     chosen = {group_key(g['group'], spec.by): g['chosen'] for g in record['groups']}
     field = record['field']
+    missing = next((t for t in spec.main if group_key(t, spec.by) not in chosen), None)
+    if missing is not None or field not in spec.grid:
+        raise UserError(f'{TUNING_FILE} was chosen for another tuning definition (no choice of {field} for group '
+                        f'{group_key(missing or {}, spec.by)}); the sweep file changed since: move {TUNING_FILE} and '
+                        f'{TUNE_DIR}/ aside to tune again, or restore the sweep file')
     return [{**t, field: chosen[group_key(t, spec.by)]} for t in spec.main]
