@@ -290,9 +290,12 @@ def build(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = N
     md += [tables.groups_markdown(groups, by, metrics, interval, level) if groups else 'No finished runs yet.\n']
     md += [tables.convergence_legend(runs), ''] if groups else []
     reproduction: list[dict] = []
+    # A tuned value is an outcome of each sweep's protocol, not a setting: a rerun that tuned
+    # to another rate is still the same setting, held to the same interval.
+    setting = [f for f in by if f not in {record['field'] for _, record in tuned}]
     for i, metric in enumerate((spec['reproduce'] or [spec['metric']]) if several_sweeps(runs) else []):
-        rows_of = reproduce.compare(runs, by, metric, level)
-        md += reproduce.section(rows_of, by, metric, level, first=i == 0)
+        rows_of = reproduce.compare(runs, setting, metric, level)
+        md += reproduce.section(rows_of, setting, metric, level, first=i == 0)
         reproduction += rows_of
     chosen_md, chosen = _choose_section(runs, spec)
     md += tuning_curves.section(tuned) if tuned else []
