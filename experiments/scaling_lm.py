@@ -15,12 +15,14 @@ Literature: Kaplan et al. (2020, "Scaling laws for neural language models", Figu
 LSTMs scale worse than Transformers, and their per-token loss stops improving after
 about 100 tokens of context while the Transformer's keeps falling.
 
-Arg: `quick` (five widths from 24 to 96 at 2 layers, 1.2M training tokens, 1 seed:
-minutes on a 2-core CPU) or `full` (the size rows micro to medium, 1B tokens, plus
-IsoFLOP profiles at four budgets); `tune` sweeps each family's learning rate at width
-32 in quick, the smallest size in full (how LEARNING_RATES was chosen); `files=GLOB`
-trains on your text. `seeds=2` gives each size a spread (what experiments/README.md
-shows: 40 trials), `first_seed=2,seeds=2` a rerun to check it against.
+Arg: `quick` (four widths from 24 to 64 at 2 layers, 1.2M training tokens, 1 seed: a
+quarter of an hour on a 2-core CPU) or `full` (the size rows micro to medium, 1B tokens,
+plus IsoFLOP profiles at four budgets); `files=GLOB` trains on your text; `seeds=K`,
+`first_seed=N` as everywhere (`seeds=2` gives each size a spread, `first_seed=1` a rerun).
+Every family's peak learning rate is tuned at every width (and, in full, every IsoFLOP
+point) at its own token budget, on eval/loss (the validation split), one seed per rate, a
+choice at the grid's edge extended once; the main run of the tuning seed at the chosen
+rate is the tuning run itself (copied, not trained again).
 """
 
 from flaxformer_lite import sweep
@@ -28,33 +30,28 @@ from flaxformer_lite.config import experiment_options, make_config
 
 FAMILIES = ('transformer', 'lstm', 'linear_attention', 'mingru')  # the last two: fixed-state
 # Quick widths: 2 layers, 16-dimensional heads, d_ff = 4 d (the recurrent width is matched).
-# 128 was dropped for 24: its four trials took 632 s of the 1,783 s the
-# quick form's 20 trials took (measured), which held the quick form at 17 minutes.
-QUICK_WIDTHS = (24, 32, 48, 64, 96)
-TUNE_WIDTH = 32  # where LEARNING_RATES were chosen (the smallest width when they were)
+# 96 and 128 were dropped: with every width tuned (3 rates each) they held the quick form
+# past a quarter of an hour.
+QUICK_WIDTHS = (24, 32, 48, 64)
 MODES = {
-    'quick': dict(seq_len=128, batch=16, tokens=1.2e6, seeds=1),
+    'quick': dict(seq_len=128, batch=16, tokens=1.2e6, seeds=1, rates=(3e-3, 1e-2, 3e-2)),
     'full': dict(seq_len=1024, batch=64, tokens=1e9, seeds=1, sizes=('micro', 'tiny', 'mini', 'small', 'medium'),
-                 budgets=(1e15, 3e15, 1e16, 3e16)),
+                 budgets=(1e15, 3e15, 1e16, 3e16), rates=(3e-4, 1e-3, 3e-3, 1e-2)),
 }
-# Chosen on eval/loss at TUNE_WIDTH by the `tune` sweep:
-#   python launch.py --config=experiments/scaling_lm.py:quick,tune --sweep --workdir=runs/lr_tune_scaling
-LEARNING_RATES = {'transformer': 3e-2, 'lstm': 3e-2, 'linear_attention': 3e-2, 'mingru': 3e-2}
-TUNE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def _options(arg):
-    mode, tune, o = experiment_options(arg, files=(None, None))
-    return mode, tune, o
+    mode, _, o = experiment_options(arg, files=(None, None))
+    return mode, o
 
 
 def get_config(arg=None):
-    mode, _, o = _options(arg)
+    mode, o = _options(arg)
     files, m = o['files'], MODES[mode]
     steps = round(m['tokens'] / (m['batch'] * m['seq_len']))
     fields = {'task.seq_len': m['seq_len'], 'train.batch_size': m['batch'], 'train.steps': None,
               'train.tokens': m['tokens'], 'optim.warmup_steps': max(steps // 20, 10), 'train.log_every': 50,
-              'eval.every_steps': max(steps // 2, 1), 'checkpoint.every_steps': max(steps // 2, 1),
+              'eval.every_steps': max(steps // 8, 1),  # 3 evaluations in the last quarter: a convergence verdict 'checkpoint.every_steps': max(steps // 2, 1),
               'eval.num_examples': 256 if mode == 'quick' else 4096}
     if files:
         fields['task.files'] = (files,)
@@ -67,26 +64,24 @@ def _widths(widths):
 
 
 def get_sweep(arg=None):
-    mode, tune, o = _options(arg)
+    mode, o = _options(arg)
     m = MODES[mode]
     seeds = sweep.experiment_seeds(o, m['seeds'])
-    if tune:
-        smallest = _widths((TUNE_WIDTH,)) if mode == 'quick' else [{'model.size': m['sizes'][0]}]
-        return sweep.product({'model.name': list(FAMILIES), 'optim.learning_rate': list(TUNE_GRID)}, smallest)
-    families = sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [LEARNING_RATES[f] for f in FAMILIES]})
+    families = {'model.name': list(FAMILIES)}
     if mode == 'quick':
-        return sweep.product(families, _widths(QUICK_WIDTHS), seeds)
-    equal_tokens = sweep.product(families, {'model.size': list(m['sizes'])}, seeds)
-    isoflop = sweep.product(families, sweep.isoflop(m['budgets'], m['sizes']), seeds)
-    return sweep.concat(equal_tokens, isoflop)
+        main = sweep.product(families, _widths(QUICK_WIDTHS), seeds)
+        by = ('model.name', 'model.d_model')
+    else:
+        equal_tokens = sweep.product(families, {'model.size': list(m['sizes'])}, seeds)
+        isoflop = sweep.product(families, sweep.isoflop(m['budgets'], m['sizes']), seeds)
+        main = sweep.concat(equal_tokens, isoflop)
+        by = ('model.name', 'model.size', 'train.flops_budget')
+    return sweep.tuned(main, {'optim.learning_rate': list(m['rates'])}, by=by, metric='eval/loss',
+                       first_seed=o['first_seed'])
 
 
 def get_report(arg=None):
-    mode, tune, _ = _options(arg)
-    if tune:
-        return {'title': f'scaling_lm ({mode}): learning rate per family', 'loss_metric': 'eval/loss',
-                'fits': False, 'tuned': [], 'plots': [],
-                'choose': {'field': 'optim.learning_rate', 'metric': 'eval/loss', 'group': ['model.name']}}
+    mode, _ = _options(arg)
     plots = ['loss_vs_params', 'loss_vs_compute', 'loss_by_position']
     if mode == 'full':
         plots += ['isoflop', 'optimal_params']

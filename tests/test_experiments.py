@@ -1,6 +1,6 @@
 """The flagship experiment files: every form (quick, full, tune) defines a sweep whose
-every trial resolves to a runnable experiment, with a learning rate per family and a
-report spec, without training anything."""
+every trial resolves to a runnable experiment, with every family's learning rate tuned
+at each size and budget it runs at, and a report spec, without training anything."""
 
 import glob
 import os
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from flaxformer_lite import experiment
-from flaxformer_lite.sweep import plan
+from flaxformer_lite.sweep import plan, tuning
 
 from conftest import ROOT
 
@@ -27,7 +27,7 @@ def test_the_flagship_experiments_are_all_there():
 @pytest.mark.parametrize('form', FORMS)
 @pytest.mark.parametrize('path', FILES)
 def test_every_trial_of_every_form_resolves(path, form, tmp_path):
-    sweep = plan.load(f'{path}:{form}', {}, str(tmp_path / 'sweep'))
+    sweep = plan.load(f'{path}:{form}', {}, str(tmp_path / 'sweep'), provisional=True)
     assert sweep.trials and not (tmp_path / 'sweep').exists()
     compared = set()
     for trial in sweep.trials:
@@ -38,7 +38,21 @@ def test_every_trial_of_every_form_resolves(path, form, tmp_path):
     module = plan.config_lib._module(path)  # noqa: SLF001
     spec = module.get_report(form)
     assert isinstance(spec, dict) and spec.get('title')
-    if 'tune' not in form and spec.get('x') != 'optim.learning_rate':  # each family at its own tuned rate
+    defined = module.get_sweep(form)
+    if isinstance(defined, tuning.Tuned):
+        # every family tuned at every size and budget it runs at: trials that differ in
+        # any of these fall in different tuning groups
+        assert 'optim.learning_rate' in defined.grid and 'model.name' in defined.by
+        assert not defined.budget  # tuned at the main trials' own budget
+        keys = {}
+        for trial in sweep.trials:
+            cfg = sweep.trial_config(trial)
+            where = (cfg.task.name, cfg.model.name, cfg.model.size, cfg.model.d_model, cfg.model.hidden,
+                     cfg.train.steps, cfg.train.tokens, cfg.train.batch_size)
+            keys.setdefault(where, set()).add(tuning.group_key(trial.overrides, defined.by))
+        groups = [g for gs in keys.values() for g in gs]
+        assert len(groups) == len(set(groups)), 'two sizes or budgets share one tuned rate'
+    elif 'tune' not in form and spec.get('x') != 'optim.learning_rate':  # tuned by a separate sweep: one rate
         rates = {}
         for trial in sweep.trials:
             cfg = sweep.trial_config(trial)
@@ -51,9 +65,18 @@ def test_every_experiment_reruns_with_other_seeds_and_counts(path):
     """`first_seed=` and `seeds=` (a rerun with other seeds, or more of them) work on every
     experiment file and change nothing but the seeds."""
     module = plan.config_lib._module(path)  # noqa: SLF001
-    seeds = lambda arg: sorted({t.get('train.seed', 0) for t in module.get_sweep(arg)})  # noqa: E731
+
+    def trials(arg):
+        defined = module.get_sweep(arg)
+        if isinstance(defined, tuning.Tuned):  # its tuning seeds follow first_seed too
+            first = min(t['train.seed'] for t in defined.main)
+            assert sorted({t['train.seed'] for t in tuning.tune_trials(defined, {})}) == list(
+                range(first, first + defined.seeds))
+            return defined.main
+        return defined
+    seeds = lambda arg: sorted({t.get('train.seed', 0) for t in trials(arg)})  # noqa: E731
     settings = lambda arg: sorted({tuple(sorted((k, str(v)) for k, v in t.items() if k != 'train.seed'))  # noqa: E731
-                                   for t in module.get_sweep(arg)})
+                                   for t in trials(arg)})
     first = seeds('quick')
     assert first == list(range(len(first)))
     assert seeds('quick,first_seed=7') == [7 + s for s in first]
@@ -66,4 +89,4 @@ def test_every_experiment_reruns_with_other_seeds_and_counts(path):
 
 def test_long_range_quick_has_three_seeds():
     module = plan.config_lib._module('experiments/long_range.py')  # noqa: SLF001
-    assert sorted({t['train.seed'] for t in module.get_sweep('quick')}) == [0, 1, 2]
+    assert sorted({t['train.seed'] for t in module.get_sweep('quick').main}) == [0, 1, 2]
