@@ -651,3 +651,43 @@ def test_rows_with_a_run_still_improving_are_marked(tmp_path):
     aggregated = {r['model.size']: r for r in csv.DictReader(open(out['paths']['aggregated_csv']))}
     assert (aggregated['tiny']['n_converged'], aggregated['tiny']['n_still_improving'],
             aggregated['tiny']['n_unknown']) == ('0', '1', '1')
+
+
+def _tuned_sweep(root, chosen, seeds, accuracy):
+    """A tuned sweep's main trials (each family at its chosen rate) and its tuning.json."""
+    records = [{'status': 'done', 'name': f'{family}-{seed}', 'step': 100,
+                'config': {'model.name': family, 'optim.learning_rate': chosen[family], 'task.name': 'mqar',
+                           'train.seed': seed},
+                'metrics': {'eval/accuracy': acc + 0.01, 'test/accuracy': acc, 'eval/loss': 1 - acc,
+                            'test/loss': 1 - acc}}
+               for family in chosen for seed, acc in zip(seeds, accuracy[family])]
+    runs = _write_sweep(root, records, ('model.name', 'optim.learning_rate', 'train.seed'))
+    grid = (0.003, 0.01, 0.03, 0.1)
+    groups = [{'group': {'model.name': family}, 'chosen': rate, 'at_edge': False, 'extended': [],
+               'curve': [[v, 0.9 - abs(math.log10(v / rate)) / 10, 1] for v in grid]} for family, rate in chosen.items()]
+    with open(os.path.join(root, 'tuning.json'), 'w') as f:
+        json.dump({'metric': 'eval/accuracy', 'field': 'optim.learning_rate', 'lower_is_better': False, 'seeds': 1,
+                   'groups': groups, 'extensions': {}, 'pending_extensions': {}}, f)
+    return runs
+
+
+def test_the_rerun_check_pairs_a_setting_that_the_two_sweeps_tuned_to_different_rates(tmp_path):
+    # Seeds are the only difference, yet the tuning stage chose another rate for lstm in the
+    # rerun: the rate is an outcome of the protocol, so lstm is still checked against itself.
+    first, second = str(tmp_path / 'tuned_a'), str(tmp_path / 'tuned_b')
+    _tuned_sweep(first, {'lstm': 0.01, 'gru': 0.003}, (0, 1, 2),
+                 {'lstm': (0.90, 0.91, 0.92), 'gru': (0.80, 0.81, 0.82)})
+    _tuned_sweep(second, {'lstm': 0.03, 'gru': 0.003}, (3, 4, 5),
+                 {'lstm': (0.905, 0.915, 0.91), 'gru': (0.805, 0.815, 0.81)})
+    out = analysis.write_report([first, second], str(tmp_path / 'report'),
+                                {'plots': [], 'fits': False, 'metric': 'test/accuracy'})
+    report = open(out['paths']['report_md']).read()
+    section = report.split('## Reproduction across sweeps')[1].split('\n## ')[0]
+    assert "rerun's mean inside the reference's interval: 2 of 2 settings" in section
+    assert '| lstm | tuned_a (n=3) | 0.91 | [' in section and '| tuned_b (n=3) | 0.91 | [' in section
+    assert 'learning_rate' not in section  # the tuned field is no column of the check
+    rows = {r['model.name']: r for r in out['summary']['reproduction']}
+    assert set(rows) == {'lstm', 'gru'} and 'optim.learning_rate' not in rows['lstm']
+    assert (rows['lstm']['reference_n'], rows['lstm']['rerun_n']) == (3, 3)
+    assert rows['lstm']['rerun_inside_reference'] and rows['lstm']['reference_inside_rerun']
+    assert '## Tuning stage' in report  # both tuning.json files were read
