@@ -60,7 +60,8 @@ def trial_dir(index: int, name: str) -> str:
     return f'{index:04d}_{safe}'
 
 
-def _key(overrides: Mapping[str, Any]) -> str:
+def overrides_key(overrides: Mapping[str, Any]) -> str:
+    """A trial's identity: its overrides as canonical JSON."""
     return json.dumps(overrides, sort_keys=True, default=list)
 
 
@@ -158,7 +159,7 @@ def _check(config_spec: str, overrides: Mapping[str, str], base: ml_collections.
     try:
         config_lib.check(_apply(base_for(config_spec, overrides, base, trial), trial))
     except ConfigError as e:
-        raise ConfigError(f'--sweep: trial {index} ({_key(trial)}): {e}') from None
+        raise ConfigError(f'--sweep: trial {index} ({overrides_key(trial)}): {e}') from None
 
 
 def naming_fields(trials: list[dict[str, Any]], fields: list[str]) -> list[str]:
@@ -170,7 +171,8 @@ def naming_fields(trials: list[dict[str, Any]], fields: list[str]) -> list[str]:
         determined = False
         for g in named:
             seen: dict[str, str] = {}
-            if all(seen.setdefault(_key({g: t.get(g)}), _key({f: t.get(f)})) == _key({f: t.get(f)}) for t in trials):
+            value = lambda t, k: overrides_key({k: t.get(k)})  # noqa: E731
+            if all(seen.setdefault(value(t, g), value(t, f)) == value(t, f) for t in trials):
                 determined = True
                 break
         if not determined:
@@ -183,7 +185,7 @@ def swept(trials: list[dict[str, Any]]) -> list[str]:
     fields: list[str] = []
     for t in trials:
         fields += [k for k in t if k not in fields]
-    return [f for f in fields if len({_key({f: t.get(f, '<unset>')}) for t in trials}) > 1]
+    return [f for f in fields if len({overrides_key({f: t.get(f, '<unset>')}) for t in trials}) > 1]
 
 
 def tuned_spec(config_spec: str, overrides: Mapping[str, str]) -> tuning.Tuned | None:
@@ -233,7 +235,7 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: st
         raise UserError(f'--stage={stage}: {config_spec} defines no tuning stage (get_sweep returns plain trials)')
     seen: dict[str, int] = {}
     for i, overrides_i in enumerate(defined):
-        key = _key(overrides_i)
+        key = overrides_key(overrides_i)
         if key in seen:
             raise UserError(f'--sweep: trials {seen[key]} and {i} are the same ({key}); each trial must differ')
         seen[key] = i
@@ -260,9 +262,9 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: st
     if dict(old.get('overrides', {})) != dict(overrides):
         raise UserError(f"--workdir={workdir} holds this sweep run with --config overrides {old.get('overrides')}, not "
                         f'{dict(overrides)}; give the same overrides or choose a new --workdir')
-    keys = {_key(t.overrides) for t in recorded}
+    keys = {overrides_key(t.overrides) for t in recorded}
     for t in recorded:
-        if _key(t.overrides) not in seen:
+        if overrides_key(t.overrides) not in seen:
             raise UserError(f'--workdir={workdir}: the sweep definition changed: trial {t.index} ({t.name}) is no longer '
                             f'in it; restore the definition or choose a new --workdir (trials may only be added)')
     trials = sorted(recorded, key=lambda t: t.index)
@@ -270,7 +272,7 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: st
     fields = old_fields + [f for f in fields if f not in old_fields]
     names = naming_fields(defined, fields)
     for t in defined:  # trials added since: new indices after the recorded ones
-        if _key(t) not in keys:
+        if overrides_key(t) not in keys:
             index = len(trials)
             trials.append(TrialSpec(index, trial_name(t, names), trial_dir(index, trial_name(t, names)), t))
     added = len(trials) > len(recorded)

@@ -3,7 +3,6 @@ split, then the main trials; here (`--parallel=N`) or as two dependent SLURM job
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -73,10 +72,10 @@ def reuse_tuning_runs(tune: plan.Sweep, main: plan.Sweep) -> int:
     for t in tune.trials:
         record = runner.read_status(tune, t)
         if record.get('status') == 'done':
-            done[json.dumps(t.overrides, sort_keys=True, default=list)] = tune.trial_workdir(t)
+            done[plan.overrides_key(t.overrides)] = tune.trial_workdir(t)
     copied = 0
     for t in main.trials:
-        source = done.get(json.dumps(t.overrides, sort_keys=True, default=list))
+        source = done.get(plan.overrides_key(t.overrides))
         target = main.trial_workdir(t)
         if source is None or os.path.exists(target):
             continue
