@@ -18,11 +18,15 @@ start fresh, as the start-up log and results.json's `init_from` say).
 Arg: `quick` (the `tiny` models; the default corpus, the Python standard library's own
 sources; minutes on a 2-core CPU) or `full` (the `small` models, longer runs, 3 seeds;
 name the corpus with `files=GLOB`); `stage=pretrain|finetune`, `task=listops|agreement`.
-Learning rates: fine-tuning uses the rates `experiments/listops.py` chose for each family
-(its `tune` sweep) for both tasks and both starts; pretraining uses the text_lm config's
-3e-3 for both families. Neither was tuned for this experiment.
+Learning rates: every stage tunes its own, at its own budget, on eval/loss (the validation
+split; one seed per rate; an edge choice extended once): pretraining per family,
+fine-tuning per family and start (a pretrained model and a fresh one each get their best
+rate, so the comparison is not decided by a rate that suits one start). The main run of
+the tuning seed at the chosen rate is the tuning run itself. `first_seed=N`, `seeds=K` as
+everywhere.
 """
 
+import json
 import os
 
 from flaxformer_lite import sweep
@@ -30,8 +34,7 @@ from flaxformer_lite.config import experiment_options, make_config
 from flaxformer_lite.sweep.plan import trial_dir
 
 FAMILIES = ('transformer', 'lstm')
-PRETRAIN_LR = {'transformer': 3e-3, 'lstm': 3e-3}
-FINETUNE_LR = {'transformer': 1e-3, 'lstm': 1e-2}  # experiments/listops.py's tune sweep
+RATES = {'pretrain': (1e-3, 3e-3, 1e-2), 'finetune': (1e-3, 3e-3, 1e-2)}
 TASKS = {
     'listops': {'task.seq_len': 64, 'task.dependency_length': 32, 'task.max_depth': 3, 'task.max_arity': 4},
     'agreement': {'task.seq_len': 32, 'task.dependency_length': 16, 'task.mode': 'classify',
@@ -70,20 +73,31 @@ def get_config(arg=None):
 
 
 def pretrained_run(pretrained: str, family: str) -> str:
-    """The folder of the pretraining sweep's trial of `family` (trial i is FAMILIES[i],
-    named by the one field that varies: see get_sweep's pretrain stage)."""
+    """The folder of the pretraining sweep's main trial of `family`: read from its
+    sweep.json once it ran, else the folder it will have (trial i is FAMILIES[i], named by
+    the fields that vary: see get_sweep's pretrain stage)."""
+    try:
+        with open(os.path.join(pretrained, 'sweep.json')) as f:
+            recorded = json.load(f)
+        for trial in recorded['trials']:
+            if trial['overrides'].get('model.name') == family:
+                return os.path.join(pretrained, trial['dir'])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     return os.path.join(pretrained, trial_dir(FAMILIES.index(family), f'model.name={family}'))
 
 
 def get_sweep(arg=None):
     mode, o = _options(arg)
+    seeds = sweep.experiment_seeds(o, MODES[mode]['seeds'])
     if o['stage'] == 'pretrain':
-        return sweep.zip({'model.name': list(FAMILIES), 'optim.learning_rate': [PRETRAIN_LR[f] for f in FAMILIES]})
-    trials = []
-    for family in FAMILIES:
-        for init in (None, pretrained_run(o['pretrained'], family)):
-            trials.append({'model.name': family, 'optim.learning_rate': FINETUNE_LR[family], 'train.init_from': init})
-    return sweep.product(trials, sweep.experiment_seeds(o, MODES[mode]['seeds']))
+        main = sweep.product({'model.name': list(FAMILIES)}, sweep.seeds(1, start=o['first_seed']))
+        return sweep.tuned(main, {'optim.learning_rate': list(RATES['pretrain'])}, by=('model.name',),
+                           metric='eval/loss', first_seed=o['first_seed'])
+    starts = [{'model.name': family, 'train.init_from': init}
+              for family in FAMILIES for init in (None, pretrained_run(o['pretrained'], family))]
+    return sweep.tuned(sweep.product(starts, seeds), {'optim.learning_rate': list(RATES['finetune'])},
+                       by=('model.name', 'train.init_from'), metric='eval/loss', first_seed=o['first_seed'])
 
 
 def get_report(arg=None):
