@@ -3,7 +3,7 @@
     python launch.py --config=configs/recall.py:quick --workdir=runs/recall_quick
     python launch.py --help
 
-Everything lives in `flaxformer_lite/cli.py` (importable, so tests call it in-process).
+Everything lives in `flaxformer_lite/cli/` (importable, so tests call it in-process).
 """
 
 import sys

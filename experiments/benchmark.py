@@ -96,15 +96,15 @@ CPU_DEFAULT = ('t256', 't512', 'lstm256x1', 'lstm256x2', 'lstm256x3', 'lstm512x1
 
 
 def experiment_of(bench: Bench, settings: dict[str, Any] | None = None):
-    """The resolved `Experiment` of a reference config (plus `--set` overrides)."""
-    from flaxformer_lite import config as config_lib, experiment
+    """The resolved `Run` of a reference config (plus `--set` overrides)."""
+    from flaxformer_lite import config as config_lib, resolve
 
     cfg = config_lib.base_config(bench.task)
     cfg.model.size = 'tiny'  # every shape field is set explicitly
     for key, value in {**bench.overrides(), **(settings or {})}.items():
         config_lib.set_field(cfg, key, value)
     cfg.lock()
-    return experiment.resolve(cfg)
+    return resolve.from_config(cfg)
 
 
 def batch_of(exp) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class Ours:
         import flax.linen as nn
         import jax
 
-        from flaxformer_lite import parallel
+        from flaxformer_lite import sharding
         from flaxformer_lite.train import setup as setup_lib, step as step_lib
 
         self.jax = jax
@@ -130,7 +130,7 @@ class Ours:
         cfg = exp.config
         setup = setup_lib.build(exp)
         self.dtype = cfg.model.dtype
-        rep = parallel.replicated(setup.mesh)
+        rep = sharding.replicated(setup.mesh)
         fn = step_lib.make_train_step(setup.model, setup.tx, setup.lr, exp.spec.kind,
                                       label_smoothing=cfg.train.label_smoothing, seed=cfg.train.seed,
                                       skip_nonfinite=cfg.train.skip_nonfinite)

@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite import experiment  # noqa: E402
+from flaxformer_lite import resolve  # noqa: E402
 from flaxformer_lite.models import mup  # noqa: E402
 from flaxformer_lite.train import optimizer, step as step_lib  # noqa: E402
 from flaxformer_lite.train.state import TrainState  # noqa: E402
@@ -103,7 +103,7 @@ def _rows(exp, logits, inter) -> dict[str, float]:
             rows[f'{i}.attn'] = _l1(out(*attn))
             rows[f'{i}.mlp'] = _l1(out(*layer, 'mlp'))
             rows[f'{i}.out'] = _l1(out(*layer))
-    elif 'layers_0' in inter:  # the modern families
+    elif 'layers_0' in inter:  # the fixed-state families
         rows['embed'] = _l1(out('embed'))
         for i in range(m['num_layers']):
             rows[f'{i}.mixer'] = _l1(out(f'layers_{i}', 'mixer'))
@@ -123,7 +123,7 @@ def measure(family: str, width: int, parametrization: str, base: int, steps: int
     and optimizer), and measure each row: one program, compiled without XLA's backend
     optimisations (it runs once; as `train/setup.py`'s init)."""
     cfg = make_config(family, width, parametrization, base, steps, learning_rate)
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     model = exp.family.build(exp.model_cfg, exp.spec)
     examples = [exp.task.example('train', i) for i in range(cfg.train.batch_size)]
     batch = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}

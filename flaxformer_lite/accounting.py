@@ -37,7 +37,7 @@ import jax
 
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.models import recurrent_family
-from flaxformer_lite.experiment import Experiment
+from flaxformer_lite.resolve import Run
 
 DTYPES = ('float32', 'bfloat16')
 # Dense (no sparsity) peak FLOP/s per chip from the vendors' datasheets, by `device_kind`
@@ -86,7 +86,7 @@ def tree_counts(params: Any) -> dict[str, int]:
     return dict(total=total, embedding=embedding, non_embedding=total - embedding)
 
 
-def summary(exp: Experiment) -> dict[str, float]:
+def summary(exp: Run) -> dict[str, float]:
     counts = exp.family.count_params(exp.model_cfg, exp.spec)
     flops = exp.family.flops_per_example(exp.model_cfg, exp.spec)
     tokens = exp.tokens_per_example()
@@ -95,7 +95,7 @@ def summary(exp: Experiment) -> dict[str, float]:
                 flops_per_token=flops / tokens, tokens_per_example=tokens)
 
 
-def matched_transformer(exp: Experiment) -> int | None:
+def matched_transformer(exp: Run) -> int | None:
     """For a recurrent model: non-embedding parameters of the Transformer of the same size
     row and task shape, the count its width was matched to."""
     if exp.family.name == 'transformer':
@@ -112,7 +112,7 @@ def mfu(flops_per_example: float, examples_per_sec: float, num_devices: int, dty
     return None if peak is None else flops_per_example * examples_per_sec / (peak * num_devices)
 
 
-def describe(exp: Experiment) -> str:
+def describe(exp: Run) -> str:
     s = summary(exp)
     lines = [
         f'model {exp.family.name} ({exp.model_cfg.get("arch", "")}), size {exp.config.model.size}, '
@@ -136,7 +136,7 @@ def describe(exp: Experiment) -> str:
     return '\n'.join(lines)
 
 
-def state_line(exp: Experiment) -> str | None:
+def state_line(exp: Run) -> str | None:
     """The state a sequence carries (`ModelFamily.state_size`), e.g. 'state: 12,288
     floats per sequence (fixed)' or 'state: 512 floats per token (KV cache)': what
     Zoology (Arora et al. 2023) relates to recall. None for a family that does not say."""

@@ -465,7 +465,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 
 def check_parametrization(optim: ml_collections.ConfigDict) -> None:
     """optim.parametrization and optim.base_width (the model's own width is checked
-    against it in `experiment.resolve`)."""
+    against it in `resolve.from_config`)."""
     if optim.parametrization not in ('sp', 'mup'):
         close = difflib.get_close_matches(str(optim.parametrization), ['sp', 'mup'], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ''
@@ -510,7 +510,7 @@ def _tuples(value: Any) -> Any:
 
 def from_saved(saved: Mapping[str, Any], source: str) -> ml_collections.ConfigDict:
     """The (resolved) config a run stored in its `config.json`, as a locked ConfigDict of
-    the same types as `base_config`, so that `experiment.resolve` accepts it again.
+    the same types as `base_config`, so that `resolve.from_config` accepts it again.
     `source` names the file in errors (a field this code does not know, a bad value)."""
     try:
         task_name = saved['task']['name']

@@ -116,9 +116,9 @@ def restore_state(workdir: str, cfg, step: int | None = None):
     """The train state of `workdir`'s checkpoint `step` (default: the newest), as numpy."""
     import jax
     import flax.linen as nn
-    from flaxformer_lite import experiment
+    from flaxformer_lite import resolve
     from flaxformer_lite.train import checkpoint, setup as setup_lib
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     setup = setup_lib.build(exp)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=10, async_save=False, read_only=True)
     try:

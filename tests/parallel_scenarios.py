@@ -1,4 +1,4 @@
-"""Runs for tests/test_parallel.py in a fresh process with 8 fake CPU devices
+"""Runs for tests/test_sharding.py in a fresh process with 8 fake CPU devices
 (XLA_FLAGS must be set before JAX starts, hence a separate process).
 
     python tests/parallel_scenarios.py OUTDIR [MODEL]
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from conftest import read_scalars, tiny_config  # noqa: E402
-from flaxformer_lite import experiment, parallel  # noqa: E402
+from flaxformer_lite import resolve, sharding  # noqa: E402
 from flaxformer_lite.train import loop, train_and_evaluate  # noqa: E402
 
 MESHES = {
@@ -42,26 +42,26 @@ def main(outdir: str, model: str) -> dict:
         RUN['model__hidden'] = 32
     for name, mesh in MESHES.items():
         workdir = os.path.join(outdir, name)
-        train_and_evaluate(experiment.resolve(tiny_config(model=model, **RUN, **mesh)), workdir, verbose=False)
+        train_and_evaluate(resolve.from_config(tiny_config(model=model, **RUN, **mesh)), workdir, verbose=False)
         out[name] = losses(workdir)
     # Continue the fsdp_tp run under dp (resharding on restore), and compare with a run
     # that stays under fsdp_tp for all 10 steps.
     switched = os.path.join(outdir, 'fsdp_tp')
-    train_and_evaluate(experiment.resolve(tiny_config(model=model, **{**RUN, 'train__steps': 10}, **MESHES['dp'])),
+    train_and_evaluate(resolve.from_config(tiny_config(model=model, **{**RUN, 'train__steps': 10}, **MESHES['dp'])),
                        switched, verbose=False)
     out['switched'] = losses(switched)
     straight = os.path.join(outdir, 'straight')
-    train_and_evaluate(experiment.resolve(tiny_config(model=model, **{**RUN, 'train__steps': 10},
+    train_and_evaluate(resolve.from_config(tiny_config(model=model, **{**RUN, 'train__steps': 10},
                                                       **MESHES['fsdp_tp'])), straight, verbose=False)
     out['straight'] = losses(straight)
     # Bytes of parameters on each device under FSDP over 8 devices vs one device.
     for name in ('one', 'fsdp'):
         wider = dict(model__d_model=64, model__d_ff=128) if model == 'transformer' else dict(model__hidden=64)
-        exp = experiment.resolve(tiny_config(model=model, **wider, **MESHES[name]))
+        exp = resolve.from_config(tiny_config(model=model, **wider, **MESHES[name]))
         setup = loop.build(exp)
         with jax.set_mesh(setup.mesh):
             state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(setup.rng)
-        out[f'bytes_{name}'] = parallel.per_device_bytes(state.params)
+        out[f'bytes_{name}'] = sharding.per_device_bytes(state.params)
     return out
 
 
@@ -76,7 +76,7 @@ def _gradients(model: str, layout: dict, fused: tuple) -> list:
     from flaxformer_lite import data
     from flaxformer_lite.train import losses
     extra = {} if model == 'transformer' else {'model__hidden': 32}
-    exp = experiment.resolve(tiny_config(model=model, **extra, **layout))
+    exp = resolve.from_config(tiny_config(model=model, **extra, **layout))
     setup = loop.build(exp)
     batch = next(data.train_iterator(exp.task, batch_size=exp.config.train.batch_size, seed=0))
     out = []

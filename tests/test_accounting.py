@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import accounting, config as config_lib, experiment
+from flaxformer_lite import accounting, config as config_lib, resolve
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models import get, recurrent_family
 from flaxformer_lite.spec import TaskSpec
@@ -234,8 +234,8 @@ def test_mfu_uses_the_peak_of_the_compute_dtype(monkeypatch):
 
 
 # --- parameter matching that shards -------------------------------------------------------
-def _recall(arg: str) -> experiment.Experiment:
-    return experiment.resolve(config_lib.load(os.path.join(ROOT, 'configs/recall.py') + ':' + arg))
+def _recall(arg: str) -> resolve.Run:
+    return resolve.from_config(config_lib.load(os.path.join(ROOT, 'configs/recall.py') + ':' + arg))
 
 
 def test_recall_lstm_tiny_width_is_a_multiple_of_8_and_describe_shows_both_counts():

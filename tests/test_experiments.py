@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from flaxformer_lite import experiment
+from flaxformer_lite import resolve
 from flaxformer_lite.sweep import plan, tuning
 
 from conftest import ROOT
@@ -31,7 +31,7 @@ def test_every_trial_of_every_form_resolves(path, form, tmp_path):
     assert sweep.trials and not (tmp_path / 'sweep').exists()
     compared = set()
     for trial in sweep.trials:
-        exp = experiment.resolve(sweep.trial_config(trial))
+        exp = resolve.from_config(sweep.trial_config(trial))
         compared.add((exp.family.name, exp.config.optim.parametrization))
         assert exp.config.train.steps >= 1
     assert len(compared) >= 2  # a comparison: of families, or of parametrisations

@@ -12,9 +12,10 @@ import pytest
 
 from conftest import ROOT, compilation_cache, tiny_config  # noqa: F401  (a fixture)
 
-from flaxformer_lite import cli, experiment
+from flaxformer_lite import cli, resolve
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.train import checkpoint, generate
+from flaxformer_lite.cli import generate
+from flaxformer_lite.train import checkpoint
 from flaxformer_lite.train.loop import train_and_evaluate
 from flaxformer_lite.train.setup import build
 
@@ -45,7 +46,7 @@ def _full_pass_greedy(exp, workdir, prompt, n):
 def lm_runs(tmp_path_factory, compilation_cache):
     runs = {}
     for model in ('transformer', 'lstm'):
-        exp = experiment.resolve(tiny_config('recall', model, **FAST))
+        exp = resolve.from_config(tiny_config('recall', model, **FAST))
         workdir = str(tmp_path_factory.mktemp('gen') / model)
         train_and_evaluate(exp, workdir, verbose=False)
         runs[model] = exp, workdir
@@ -95,7 +96,7 @@ def test_what_cannot_be_generated_is_one_line_and_status_2(lm_runs, tmp_path, ca
         (['--generate', f'--workdir={tmp_path / "none"}', '--prompt=k1'], 'holds no run'),
         ([f'--config={os.path.join(ROOT, "configs", "recall.py")}', '--prompt=k1'], '--prompt needs --generate'),
     ]
-    classifier = experiment.resolve(tiny_config('agreement', 'transformer', task__dependency_length=3,
+    classifier = resolve.from_config(tiny_config('agreement', 'transformer', task__dependency_length=3,
                                                 task__seq_len=8))
     with pytest.raises(UserError, match="--generate needs a language-model or sequence-to-sequence run; this one is "
                                         "a 'classify' run"):

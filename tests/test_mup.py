@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxformer_lite import experiment
+from flaxformer_lite import resolve
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models import mup
 from flaxformer_lite.models.attention import MultiHeadAttention
@@ -48,7 +48,7 @@ def _batch(exp, n=8):
 
 def _train(cfg, steps=4):
     """Losses of `steps` train steps on one batch, and the parameters after them."""
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     s = setup_lib.build(exp)
     state = s.init_state()
     train_step = jax.jit(step_lib.make_train_step(s.model, s.tx, s.lr, exp.spec.kind, label_smoothing=0.0, seed=0))
@@ -73,7 +73,7 @@ def test_mup_at_its_base_width_is_sp_bit_for_bit(name, extra):
 
 
 def _params(cfg):
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     model = exp.family.build(exp.model_cfg, exp.spec)
     return exp, nn.unbox(model.init(jax.random.key(0), _batch(exp, 1))['params'])
 
@@ -138,7 +138,7 @@ OUTPUT_LIKE_HIDDEN = {'gate_down'}
 def _shapes(task, name, extra, width):
     widths = {'model__d_model': width, 'model__d_ff': 2 * width} if name == 'transformer' else {'model__hidden': width}
     cfg = tiny_config(task=task, model=name, **{**extra, **widths})
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     model = exp.family.build(exp.model_cfg, exp.spec)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), _batch(exp, 1)))['params']
     return jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]
@@ -202,7 +202,7 @@ def test_readout_is_multiplied_by_base_over_width(name, task, extra):
     field = 'model__d_model' if name == 'transformer' else 'model__hidden'
     fields = {**extra, field: 32, 'model__scale_embeddings': False}
     exp_sp, params = _params(tiny_config(task=task, model=name, **fields))
-    exp_mup = experiment.resolve(tiny_config(task=task, model=name, **fields, optim__parametrization='mup',
+    exp_mup = resolve.from_config(tiny_config(task=task, model=name, **fields, optim__parametrization='mup',
                                              optim__base_width=8))
     batch = _batch(exp_sp, 4)
     model = exp_mup.family.build(exp_mup.model_cfg, exp_mup.spec)
@@ -250,12 +250,12 @@ def test_config_errors_name_the_field_and_the_fix(fields, says):
     fields = dict(fields)
     model = fields.pop('model__name', 'transformer')
     with pytest.raises(ConfigError) as e:
-        experiment.resolve(tiny_config(model=model, **fields))
+        resolve.from_config(tiny_config(model=model, **fields))
     assert says in str(e.value) and '\n' not in str(e.value)
 
 
 def test_sp_ignores_a_base_width():
-    exp = experiment.resolve(tiny_config(optim__base_width=8))
+    exp = resolve.from_config(tiny_config(optim__base_width=8))
     assert 'mup_base_width' not in exp.model_cfg
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxformer_lite import data, experiment
+from flaxformer_lite import data, resolve
 from flaxformer_lite.train import optimizer, step as step_lib
 from flaxformer_lite.train.state import TrainState
 
@@ -41,7 +41,7 @@ def _leaf_name(path):
 
 @pytest.mark.parametrize('task,model,extra', VARIANTS, ids=[f'{t}-{m}-{i}' for i, (t, m, _) in enumerate(VARIANTS)])
 def test_one_update_with_zero_gradients_decays_only_kernels_and_tables(task, model, extra):
-    exp = experiment.resolve(tiny_config(task=task, model=model, **extra, **OPTIM))
+    exp = resolve.from_config(tiny_config(task=task, model=model, **extra, **OPTIM))
     _, params = _params(exp)
     tx, _ = optimizer.make(exp.config.optim, exp.config.train.steps)
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -88,10 +88,10 @@ def test_scanned_and_unrolled_models_take_the_same_optimizer_steps():
     optim = dict(OPTIM, optim__eps=1e-3)
     finals = {}
     for scan in (False, True):
-        exp = experiment.resolve(tiny_config(model__scan_layers=scan, **optim))
+        exp = resolve.from_config(tiny_config(model__scan_layers=scan, **optim))
         model, params = _params(exp)
         if scan:
-            reference = experiment.resolve(tiny_config(model__scan_layers=False, **optim))
+            reference = resolve.from_config(tiny_config(model__scan_layers=False, **optim))
             params = _stack_layers(_params(reference)[1], exp.config.model.num_layers)
         tx, lr = optimizer.make(exp.config.optim, exp.config.train.steps)
         train_step = jax.jit(step_lib.make_train_step(model, tx, lr, exp.spec.kind, label_smoothing=0.0, seed=0))

@@ -25,7 +25,7 @@ from conftest import (ROOT, TINY_MODEL, TINY_RECALL, assert_same_tree, compilati
 
 from flaxformer_lite import cli
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import lock as lock_lib
+from flaxformer_lite.runtime import lock as lock_lib
 from flaxformer_lite.train import checkpoint
 
 pytestmark = pytest.mark.slow  # kills runs at random moments and resumes them

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from flaxformer_lite import cli, experiment
+from flaxformer_lite import cli, resolve
 from flaxformer_lite.errors import ConfigError, UserError
 from flaxformer_lite.train import loop, results, train_and_evaluate
 from flaxformer_lite.train.evaluate import Evaluator
@@ -19,7 +19,7 @@ SHORT = dict(train__steps=20, eval__every_steps=10, checkpoint__every_steps=10)
 
 
 def _train(cfg, workdir, **kwargs):
-    return train_and_evaluate(experiment.resolve(cfg), workdir, verbose=False, **kwargs)
+    return train_and_evaluate(resolve.from_config(cfg), workdir, verbose=False, **kwargs)
 
 
 def test_results_json_records_the_run_with_test_metrics(workdir):
@@ -33,7 +33,7 @@ def test_results_json_records_the_run_with_test_metrics(workdir):
     assert scalars['test/accuracy'] == {20: r['metrics']['test/accuracy']}  # logged once, at the end
     assert r['metrics']['eval/accuracy'] == scalars['eval/accuracy'][20]
     assert r['best']['eval/loss']['value'] == min(scalars['eval/loss'].values())
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     tokens = 20 * 16 * exp.tokens_per_example()
     assert r['tokens'] == tokens and r['train_flops'] == pytest.approx(tokens * r['flops_per_token'])
     assert r['params_total'] == r['params_embedding'] + r['params_non_embedding'] > 0
@@ -85,8 +85,8 @@ def test_adding_evaluation_lengths_on_resume_keeps_the_model(workdir):
 
 def test_learned_positions_cannot_be_evaluated_beyond_max_len():
     with pytest.raises(ConfigError, match="model.pos_encoding='learned' has no positions beyond model.max_len=16"):
-        experiment.resolve(tiny_config(model__pos_encoding='learned', eval__dependency_lengths=(20,)))
-    experiment.resolve(tiny_config(model__pos_encoding='sinusoidal', eval__dependency_lengths=(20,)))
+        resolve.from_config(tiny_config(model__pos_encoding='learned', eval__dependency_lengths=(20,)))
+    resolve.from_config(tiny_config(model__pos_encoding='sinusoidal', eval__dependency_lengths=(20,)))
 
 
 def test_mismatched_workdir_names_the_field_the_user_changed_first(workdir):

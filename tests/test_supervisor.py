@@ -2,7 +2,7 @@
 Python traceback the dead peer caused just before jax.distributed's abort belongs to the
 one-line failure; any other traceback is shown, in its place, and nothing is lost."""
 
-from flaxformer_lite.supervisor import StderrFilter
+from flaxformer_lite.runtime.supervisor import StderrFilter
 
 TRACEBACK = ['Exception in thread Thread-3 (_save):', 'Traceback (most recent call last):',
              '  File "x.py", line 1, in f', 'XlaRuntimeError: barrier failed: task 1 unavailable']

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.plugin_event_accumulator import EventA
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import experiment, parallel, tracking
+from flaxformer_lite import resolve, sharding, tracking
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.train import checkpoint, evaluate, loop
 
@@ -111,7 +111,7 @@ def _hparams_of(workdir):
 
 def test_single_runs_and_sweep_trials_declare_the_same_columns_and_fill_every_one(tmp_path):
     cfg = tiny_config(**TINY_RUN)
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     loop.train_and_evaluate(exp, str(tmp_path / 'single'), verbose=False)
     info = loop.RunInfo(name='model.name=transformer,seed=0', first=('model.name', 'train.seed'),
                         extra={'sweep': 'tvl'})
@@ -136,7 +136,7 @@ def test_text_lm_logs_and_declares_no_sequence_accuracy(tmp_path):
     text = tmp_path / 'corpus.txt'
     text.write_text('the quick brown fox jumps over the lazy dog. ' * 400)
     cfg = tiny_config(task='text_lm', task__files=str(text), task__seq_len=16, **TINY_RUN)
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     declared = evaluate.metric_names(exp)
     assert declared == ['eval/loss', 'eval/accuracy', 'test/loss', 'test/accuracy']
     loop.train_and_evaluate(exp, str(tmp_path / 'lm'), verbose=False)
@@ -144,16 +144,16 @@ def test_text_lm_logs_and_declares_no_sequence_accuracy(tmp_path):
               and '/loss_at_position/' not in t}
     assert logged == set(declared)
     # A task with a few answers per example keeps it.
-    assert 'eval/seq_accuracy' in evaluate.metric_names(experiment.resolve(tiny_config()))
+    assert 'eval/seq_accuracy' in evaluate.metric_names(resolve.from_config(tiny_config()))
 
 
 # -- console ---------------------------------------------------------------------------------
 
 
 def test_layout_on_one_device_is_one_line():
-    mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+    mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
     params = {'w': jnp.zeros((256, 1024), jnp.float32), 'b': jnp.zeros((1024,), jnp.float32)}
-    line = parallel.describe_layout(mesh, 'dp', params, {'mu': params, 'nu': params})
+    line = sharding.describe_layout(mesh, 'dp', params, {'mu': params, 'nu': params})
     assert '\n' not in line
     assert line == '1 cpu device, nothing sharded: parameters 1.00 MiB, optimizer state 2.01 MiB'
 
@@ -202,12 +202,12 @@ def test_opening_checkpoints_read_only_logs_no_warning(tmp_path):
 
 
 def test_a_finished_run_ends_with_what_to_run_next(tmp_path, capsys):
-    exp = experiment.resolve(tiny_config(**TINY_RUN))
+    exp = resolve.from_config(tiny_config(**TINY_RUN))
     loop.train_and_evaluate(exp, str(tmp_path / 'runs' / 't1'), verbose=True)
     lines = capsys.readouterr().err.rstrip('\n').splitlines()
     assert lines[-3:] == [f'next: tensorboard --logdir {tmp_path / "runs"}',
                           f'      python launch.py --eval_only --workdir={tmp_path / "runs" / "t1"}',
                           f'      python launch.py --generate --workdir={tmp_path / "runs" / "t1"} --prompt=TEXT']
-    classify = experiment.resolve(tiny_config(task='listops', **{'task.seq_len': 24, 'task.dependency_length': 8}))
+    classify = resolve.from_config(tiny_config(task='listops', **{'task.seq_len': 24, 'task.dependency_length': 8}))
     assert loop.next_steps(classify, 'runs/l1').splitlines() == [
         'next: tensorboard --logdir runs', '      python launch.py --eval_only --workdir=runs/l1']

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import experiment
+from flaxformer_lite import resolve
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.train import train_and_evaluate
 
@@ -20,7 +20,7 @@ REQUIRED_TAGS = ['train/loss', 'train/accuracy', 'train/learning_rate', 'train/g
 
 
 def _train(cfg, workdir):
-    return train_and_evaluate(experiment.resolve(cfg), workdir, verbose=False)
+    return train_and_evaluate(resolve.from_config(cfg), workdir, verbose=False)
 
 
 @pytest.mark.slow  # learns to a threshold
@@ -30,7 +30,7 @@ def test_training_learns_recall_well_above_chance(workdir):
     scalars = read_scalars(workdir)
     losses = scalars['train/loss']
     assert losses[150] < 0.6 * losses[10], losses
-    chance = experiment.resolve(cfg).task.chance()['accuracy']
+    chance = resolve.from_config(cfg).task.chance()['accuracy']
     assert result['eval/accuracy'] > chance + 0.4, (result['eval/accuracy'], chance)
 
 
@@ -168,7 +168,7 @@ def test_seeds_share_one_compiled_init_and_draw_different_weights(model):
     """The seed's key is an argument of the jitted init, not a constant in it: trials that
     differ only in train.seed compile one program (a sweep's cache hit), yet start apart."""
     from flaxformer_lite.train import setup as setup_lib
-    setups = [setup_lib.build(experiment.resolve(tiny_config(model=model, train__seed=s))) for s in (0, 1)]
+    setups = [setup_lib.build(resolve.from_config(tiny_config(model=model, train__seed=s))) for s in (0, 1)]
     programs = [jax.jit(s.init_fn).lower(s.rng).as_text() for s in setups]
     assert programs[0] == programs[1]
     first, second = (jax.tree.leaves(s.init_state().params) for s in setups)

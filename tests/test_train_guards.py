@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from flaxformer_lite import lock as lock_lib
+from flaxformer_lite.runtime import lock as lock_lib
 from flaxformer_lite.train import guards
 from flaxformer_lite.train.step import GRADS_BAD, LOSS_BAD
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import compilation_cache, tiny_config  # noqa: F401  (a fixture)
 
-from flaxformer_lite import experiment
+from flaxformer_lite import resolve
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.tasks.text_lm import MASK, TextLM
 from flaxformer_lite.train import checkpoint, losses, transfer
@@ -44,7 +44,7 @@ def pretrained(corpus, tmp_path_factory, compilation_cache):
     def get(model, objective='lm'):
         if (model, objective) not in runs:
             workdir = str(tmp_path_factory.mktemp('pretrained') / f'{model}_{objective}')
-            exp = experiment.resolve(_lm_config(model, corpus, task__objective=objective))
+            exp = resolve.from_config(_lm_config(model, corpus, task__objective=objective))
             train_and_evaluate(exp, workdir, verbose=False)
             runs[model, objective] = workdir, _params(exp, workdir)
         return runs[model, objective]
@@ -74,7 +74,7 @@ def _params(exp, workdir):
 
 def _start(cfg):
     """(fresh parameters, parameters after train.init_from) of a run's first start."""
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     setup = build(exp)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         fresh = setup.init_state().params  # as the trainer starts it
@@ -128,7 +128,7 @@ def test_frozen_parameters_do_not_change_and_results_say_where_the_weights_came_
     (source, src), tuned = pretrained('transformer'), str(tmp_path / 'probe')
     cfg = _classifier_config('transformer', 'decoder_classifier', train__init_from=source,
                              train__freeze=('decoder', 'embed'), train__steps=6, optim__learning_rate=1e-2)
-    exp = experiment.resolve(cfg)
+    exp = resolve.from_config(cfg)
     fresh, _, _ = _start(cfg)
     train_and_evaluate(exp, tuned, verbose=False)
     after = _params(exp, tuned)

@@ -128,9 +128,9 @@ def test_an_unset_layer_scan_is_chosen_by_depth_and_backend():
     finally:
         tf.scan_pays = real
     from conftest import tiny_config
-    from flaxformer_lite import experiment
+    from flaxformer_lite import resolve
     assert config_lib.base_config('recall').model.scan_layers is None
-    assert experiment.resolve(tiny_config()).config.model.scan_layers is False
+    assert resolve.from_config(tiny_config()).config.model.scan_layers is False
 
 
 @pytest.mark.parametrize('spec', [LM, S2S], ids=lambda s: s.kind)

@@ -1,7 +1,7 @@
 """Building blocks with logical axis names: dense, feed-forward, norms, dropout helpers.
 
 Every parameter is created through `nn.with_logical_partitioning`, so the mapping to a
-device mesh is decided by rules in the config (`parallel.py`), never here. Weight axes
+device mesh is decided by rules in the config (`sharding.py`), never here. Weight axes
 (`embed`, `mlp`, `heads`, `kv`, `vocab`) are distinct from activation axes (`act_*`).
 """
 

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite.models.layers import Dense, constrain, dtype_of, partitioned
-from flaxformer_lite.models.modern import ModernConfig
-from flaxformer_lite.models.modern_family import Mixer, make_family
+from flaxformer_lite.models.fixed_state import FixedStateConfig
+from flaxformer_lite.models.fixed_state_family import Mixer, make_family
 
 GATE_RANK = 16  # GLA's low-rank gate projection
 GATE_TEMPERATURE = 16.0  # GLA's tau: a_t = sigmoid(.)^(1/tau) keeps the gates near 1 at init
@@ -97,7 +97,7 @@ def retnet_log_decay(num_heads: int) -> np.ndarray:
 
 class LinearAttention(nn.Module):
     """The mixer: projections [embed -> heads x kv], the recurrence, W_o [heads x kv -> embed]."""
-    cfg: ModernConfig
+    cfg: FixedStateConfig
 
     def setup(self):
         c = self.cfg
@@ -159,11 +159,11 @@ class LinearAttention(nn.Module):
         return {'S': jnp.zeros((batch, c.num_heads, c.head_dim, _value_width(c)), jnp.float32)}
 
 
-def _value_width(c: ModernConfig) -> int:
+def _value_width(c: FixedStateConfig) -> int:
     return c.head_dim + (1 if c.la_feature_map == 'elu' else 0)
 
 
-def param_count(c: ModernConfig) -> int:
+def param_count(c: FixedStateConfig) -> int:
     d, a = c.hidden, c.num_heads * c.head_dim
     n = 4 * d * a  # W_q, W_k, W_v, W_o
     n += d * a if c.la_decay != 'none' else 0  # output gate
@@ -171,14 +171,14 @@ def param_count(c: ModernConfig) -> int:
     return n + (a if c.la_feature_map == 'identity' else 0)
 
 
-def forward_macs(c: ModernConfig) -> int:
+def forward_macs(c: FixedStateConfig) -> int:
     d, a = c.hidden, c.num_heads * c.head_dim
     macs = (5 if c.la_decay != 'none' else 4) * d * a
     macs += d * GATE_RANK + GATE_RANK * a if c.la_decay == 'gated' else 0
     return macs + 2 * state_floats(c)  # k v^T and q^T S, heads * d_k * d_v' each
 
 
-def state_floats(c: ModernConfig) -> int:
+def state_floats(c: FixedStateConfig) -> int:
     return c.num_heads * c.head_dim * _value_width(c)
 
 

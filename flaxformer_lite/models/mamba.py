@@ -31,17 +31,17 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite.models.layers import Dense, constrain, dtype_of, partitioned
-from flaxformer_lite.models.modern import ModernConfig
-from flaxformer_lite.models.modern_family import Mixer, make_family
+from flaxformer_lite.models.fixed_state import FixedStateConfig
+from flaxformer_lite.models.fixed_state_family import Mixer, make_family
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # the paper's range for Delta at initialisation
 
 
-def inner_width(c: ModernConfig) -> int:
+def inner_width(c: FixedStateConfig) -> int:
     return c.ssm_expand * c.hidden
 
 
-def dt_rank(c: ModernConfig) -> int:
+def dt_rank(c: FixedStateConfig) -> int:
     return math.ceil(c.hidden / 16)
 
 
@@ -67,7 +67,7 @@ def _combine(earlier, later):
 
 class Mamba(nn.Module):
     """The mixer; inner channels are 'mlp' (tensor-parallel like a feed-forward layer)."""
-    cfg: ModernConfig
+    cfg: FixedStateConfig
 
     def setup(self):
         c = self.cfg
@@ -131,17 +131,17 @@ class Mamba(nn.Module):
                 'ssm': jnp.zeros((batch, e, c.ssm_state), jnp.float32)}
 
 
-def param_count(c: ModernConfig) -> int:
+def param_count(c: FixedStateConfig) -> int:
     d, e, n, r, w = c.hidden, inner_width(c), c.ssm_state, dt_rank(c), c.ssm_conv
     return 2 * d * e + (w * e + e) + e * (r + 2 * n) + (r * e + e) + e * n + e + e * d
 
 
-def forward_macs(c: ModernConfig) -> int:
+def forward_macs(c: FixedStateConfig) -> int:
     d, e, n, r = c.hidden, inner_width(c), c.ssm_state, dt_rank(c)
     return 2 * d * e + e * (r + 2 * n) + r * e + e * d + 2 * e * n  # + Delta B x and C . h
 
 
-def state_floats(c: ModernConfig) -> int:
+def state_floats(c: FixedStateConfig) -> int:
     e = inner_width(c)
     return e * c.ssm_state + (c.ssm_conv - 1) * e
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite.models.layers import Dense, constrain, dtype_of
-from flaxformer_lite.models.modern import ModernConfig
-from flaxformer_lite.models.modern_family import Mixer, make_family
+from flaxformer_lite.models.fixed_state import FixedStateConfig
+from flaxformer_lite.models.fixed_state_family import Mixer, make_family
 
 
 def g(a: jax.Array) -> jax.Array:
@@ -47,13 +47,13 @@ def parallel_scan_log(k_BTH: jax.Array, pre_BTH: jax.Array) -> jax.Array:
     return jnp.exp(log_h)
 
 
-def inner_width(c: ModernConfig) -> int:
+def inner_width(c: FixedStateConfig) -> int:
     return c.mingru_expand * c.hidden
 
 
 class MinGRU(nn.Module):
     """The mixer: [W_z; W_h] as one product (gate axis unsharded, units over 'mlp')."""
-    cfg: ModernConfig
+    cfg: FixedStateConfig
 
     def setup(self):
         c = self.cfg
@@ -83,17 +83,17 @@ class MinGRU(nn.Module):
         return {'h': jnp.zeros((batch, inner_width(self.cfg)), jnp.float32)}
 
 
-def param_count(c: ModernConfig) -> int:
+def param_count(c: FixedStateConfig) -> int:
     d, h = c.hidden, inner_width(c)
     return 2 * (d * h + h) + (h * d if c.mingru_expand > 1 else 0)
 
 
-def forward_macs(c: ModernConfig) -> int:
+def forward_macs(c: FixedStateConfig) -> int:
     d, h = c.hidden, inner_width(c)
     return 2 * d * h + (h * d if c.mingru_expand > 1 else 0)
 
 
-def state_floats(c: ModernConfig) -> int:
+def state_floats(c: FixedStateConfig) -> int:
     return inner_width(c)
 
 

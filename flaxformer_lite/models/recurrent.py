@@ -119,7 +119,7 @@ class RecurrentStack(nn.Module):
             # makes XLA's SPMD partitioner (jaxlib 0.10.2) return 10-70% wrong gradients, for
             # the custom-VJP and the plain-scan recurrence alike: it mis-partitions a dot in the
             # scan's backward step (experiments/xla_scan_sharding_repro.py, pure jax). The
-            # layout is covered by tests/test_parallel.py (every cell, both recurrences).
+            # layout is covered by tests/test_sharding.py (every cell, both recurrences).
             x_TBD = self.drop(y, deterministic=deterministic)
             finals.append(final)
         return x_TBD, finals

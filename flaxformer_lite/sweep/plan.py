@@ -30,7 +30,7 @@ LOG_DIR = 'logs'
 CACHE_DIR = 'jax_cache'
 ALIASES = {'train.seed': 'seed'}  # shorter names in trial names
 SLURM_SCRIPT = 'sweep.sbatch'
-# What a runner holding the workdir leaves there (flaxformer_lite/lock.py), and what a
+# What a runner holding the workdir leaves there (flaxformer_lite/runtime/lock.py), and what a
 # tuning stage writes before the main trials are recorded (sweep/tuning.py; on SLURM the
 # main trials' script and log folder too).
 BOOKKEEPING = ('lock.json', tuning.TUNE_DIR, tuning.TUNING_FILE, CACHE_DIR, SLURM_SCRIPT, LOG_DIR)

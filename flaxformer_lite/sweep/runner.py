@@ -33,7 +33,7 @@ import traceback
 from typing import Any
 
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.sweep.forkserver import ForkServer, Forked
+from flaxformer_lite.runtime.forkserver import ForkServer, Forked
 from flaxformer_lite.sweep.plan import CACHE_DIR, LOG_DIR, Sweep, TrialSpec
 
 # The metric shown for each trial in progress lines and the final table (first present).
@@ -89,12 +89,12 @@ def use_compilation_cache(sweep: Sweep) -> None:
 
 def sweep_metrics(sweep: Sweep) -> tuple[str, ...]:
     """The metrics every trial logs (declared in the HParams tab: no empty cells)."""
-    from flaxformer_lite import experiment
+    from flaxformer_lite import resolve
     from flaxformer_lite.train import evaluate
     common: list[str] | None = None
     for trial in sweep.trials:
         try:
-            names = evaluate.metric_names(experiment.resolve(sweep.trial_config(trial)))
+            names = evaluate.metric_names(resolve.from_config(sweep.trial_config(trial)))
         except UserError:
             continue  # a trial that cannot run adds no column
         common = names if common is None else [n for n in common if n in names]
@@ -105,7 +105,7 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
     """Run trial `index` in this process; returns the exit status (0 done, 2 user error).
     The trial's workdir lock is taken first: a trial another process runs is refused
     (UserError) before this process writes anything."""
-    from flaxformer_lite import lock as lock_lib
+    from flaxformer_lite.runtime import lock as lock_lib
     if not 0 <= index < len(sweep.trials):
         raise UserError(f'--trial={index} is out of range: the sweep has trials 0..{len(sweep.trials) - 1}')
     trial = sweep.trials[index]
@@ -119,13 +119,13 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
             undo = True
             print(f'trial {index} ({trial.name}) is done; nothing to do', file=sys.stderr)
             return 0
-        from flaxformer_lite import experiment  # jax: after the lock, so a refusal is quick
+        from flaxformer_lite import resolve  # jax: after the lock, so a refusal is quick
         from flaxformer_lite.train import loop
         use_compilation_cache(sweep)
         write_status(sweep, trial, status='running')
         started = time.time()
         try:
-            exp = experiment.resolve(sweep.trial_config(trial))
+            exp = resolve.from_config(sweep.trial_config(trial))
             info = loop.RunInfo(name=trial.name, first=tuple(sweep.swept_fields), metrics=sweep_metrics(sweep),
                                 extra={'sweep': sweep.name})
             result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info)
@@ -213,8 +213,8 @@ def run_local(sweep: Sweep, parallel: int) -> int:
     """Run every unfinished trial, `parallel` at a time; print progress and a final
     table; 1 if any trial failed (0 otherwise, 128+signal when stopped by one). The
     caller holds the sweep workdir's lock."""
-    from flaxformer_lite.supervisor import die_with_parent
-    from flaxformer_lite import lock as lock_lib
+    from flaxformer_lite.runtime.supervisor import die_with_parent
+    from flaxformer_lite.runtime import lock as lock_lib
     todo = [t for t in sweep.trials if read_status(sweep, t).get('status') != 'done']
     total = len(sweep.trials)
     print(f'sweep {sweep.name}: {total} trials, {total - len(todo)} done, {len(todo)} to run, {parallel} at a time',

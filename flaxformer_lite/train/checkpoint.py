@@ -3,7 +3,7 @@ workdir rules that keep a user's runs safe.
 
 Layout of a workdir: `config.json` (the resolved config of the run), `checkpoints/<step>/`
 (state, data iterator, config, run metadata), TensorBoard event files, `lock.json` while a
-process writes it (flaxformer_lite/lock.py). An interrupted save leaves a
+process writes it (flaxformer_lite/runtime/lock.py). An interrupted save leaves a
 `*.orbax-checkpoint-tmp*` folder that restore ignores (and the next training start
 removes), so the latest complete checkpoint always wins.
 
@@ -39,7 +39,7 @@ CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'checkpoints_damaged'
 MANIFEST = 'flaxformer_manifest.json'
-# Not part of a run's contents: what a writer leaves while it works (flaxformer_lite/lock.py).
+# Not part of a run's contents: what a writer leaves while it works (flaxformer_lite/runtime/lock.py).
 BOOKKEEPING = ('lock.json',)
 # Fields besides config.RESUMABLE_FIELDS that may differ on resume (added after runs existed).
 ALSO_RESUMABLE = ('train.skip_nonfinite',)

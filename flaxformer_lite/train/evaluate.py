@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_lite import data, parallel
-from flaxformer_lite.experiment import Experiment
+from flaxformer_lite import data, sharding
+from flaxformer_lite.resolve import Run
 from flaxformer_lite.train import step as step_lib
 from flaxformer_lite.train.losses import summarize
 
@@ -32,7 +32,7 @@ def split_prefix(prefix: str, split: str) -> str:
     return split + prefix[len('eval'):]
 
 
-def decodes(exp: Experiment) -> bool:
+def decodes(exp: Run) -> bool:
     return exp.spec.kind == 'seq2seq' and exp.config.eval.decode and exp.family.decoder is not None
 
 
@@ -44,13 +44,13 @@ def reports_seq_accuracy(task: Any) -> bool:
     return bool(getattr(task, 'seq_accuracy', not getattr(task, 'report_loss_by_position', False)))
 
 
-def task_metrics(exp: Experiment, task: Any) -> tuple[str, ...]:
+def task_metrics(exp: Run, task: Any) -> tuple[str, ...]:
     """The metric names an evaluation of `task` logs (under its tag prefix)."""
     names = METRICS_BY_KIND[exp.spec.kind] + (('exact_match',) if decodes(exp) else ())
     return tuple(n for n in names if n != 'seq_accuracy' or reports_seq_accuracy(task))
 
 
-def metric_names(exp: Experiment, splits: tuple[str, ...] = ('eval', 'test')) -> list[str]:
+def metric_names(exp: Run, splits: tuple[str, ...] = ('eval', 'test')) -> list[str]:
     """Every scalar an evaluation logs for this experiment (bar loss-by-position curves)."""
     return [f'{split_prefix(prefix, split)}/{name}' for split in splits for prefix, task in exp.eval_tasks.items()
             for name in task_metrics(exp, task)]
@@ -63,12 +63,12 @@ def is_better(name: str, value: float, best: float) -> bool:
 class Evaluator:
     """`evaluator(params, split)` -> (scalars, loss-by-position curves) for every task."""
 
-    def __init__(self, exp: Experiment, setup: Any):
+    def __init__(self, exp: Run, setup: Any):
         self.exp = exp
         self.kind = exp.spec.kind
         self.batch_sharding = setup.batch_sharding
         param_sh = setup.state_shardings.params
-        out_sh = parallel.replicated(setup.mesh)
+        out_sh = sharding.replicated(setup.mesh)
         self.eval_step = jax.jit(step_lib.make_eval_step(setup.model, self.kind),
                                  in_shardings=(param_sh, setup.batch_sharding), out_shardings=out_sh)
         # One decoding function per task shape: the cache of a longer evaluation task is longer.

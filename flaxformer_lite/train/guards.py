@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from flaxformer_lite import lock as lock_lib
+from flaxformer_lite.runtime import lock as lock_lib
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.train import checkpoint, step as step_lib
 

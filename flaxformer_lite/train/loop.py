@@ -1,7 +1,7 @@
 """The one training loop: every model family and task runs through `train_and_evaluate`.
 
 Order of work: check the workdir and build everything that can fail (mesh, shardings,
-data) before writing a byte; take the workdir's lock (flaxformer_lite/lock.py; guards.py
+data) before writing a byte; take the workdir's lock (flaxformer_lite/runtime/lock.py; guards.py
 has what every process decides alike: the lock, resuming, stopping, a NaN/Inf step);
 initialise shape-first (`eval_shape` -> logical specs -> mesh shardings -> `jit(init,
 out_shardings)`), or restore the latest good checkpoint (a damaged newest one is
@@ -34,11 +34,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flaxformer_lite import accounting, data, parallel, tracking
+from flaxformer_lite import accounting, data, sharding, tracking
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import lock as lock_lib
+from flaxformer_lite.runtime import lock as lock_lib
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.experiment import Experiment
+from flaxformer_lite.resolve import Run
 from flaxformer_lite.train import checkpoint, evaluate, guards, results as results_lib, step as step_lib, transfer
 from flaxformer_lite.train.evaluate import Evaluator
 from flaxformer_lite.train.setup import Setup, build  # noqa: F401  (build: also loop.build for callers)
@@ -112,7 +112,7 @@ class _Run:
     """The state of one start of a run besides the train state: what was measured so
     far (carried over restarts in the checkpoint's metadata) and where it is written."""
 
-    def __init__(self, exp: Experiment, setup: Setup, evaluator: Evaluator, workdir: str, info: RunInfo,
+    def __init__(self, exp: Run, setup: Setup, evaluator: Evaluator, workdir: str, info: RunInfo,
                  progress: tracking.Progress, writer: tracking.Writer, meta: dict, started: float):
         self.exp, self.setup, self.evaluator, self.workdir, self.info = exp, setup, evaluator, workdir, info
         self.progress, self.writer = progress, writer
@@ -192,7 +192,7 @@ def default_info(workdir: str) -> RunInfo:
     return RunInfo(name=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
 
 
-def next_steps(exp: Experiment, workdir: str) -> str:
+def next_steps(exp: Run, workdir: str) -> str:
     """The closing lines of a finished run: where to look at it and what to run next."""
     parent = os.path.dirname(os.path.normpath(workdir)) or '.'
     where = shlex.quote(workdir)
@@ -203,7 +203,7 @@ def next_steps(exp: Experiment, workdir: str) -> str:
     return '\n'.join(lines)
 
 
-def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
+def train_and_evaluate(exp: Run, workdir: str, *, verbose: bool = True,
                        info: RunInfo | None = None) -> dict[str, Any]:
     """Train (or continue training) `exp` in `workdir`, then evaluate the test split and
     write `results.json`. Returns the last metrics logged (and `status`).
@@ -257,7 +257,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, verbose: bool = True,
         held.release()
 
 
-def _restore(exp: Experiment, setup: Setup, train_it, workdir: str):
+def _restore(exp: Run, setup: Setup, train_it, workdir: str):
     """(step, state, meta, damaged steps) of the newest good checkpoint, or None for a run
     that never completed one; read-only, so a refusal here leaves the workdir as it was."""
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=exp.config.checkpoint.max_to_keep, async_save=False,
@@ -273,7 +273,7 @@ def _restore(exp: Experiment, setup: Setup, train_it, workdir: str):
     return restored
 
 
-def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdir: str, info: RunInfo,
+def _train(exp: Run, setup: Setup, evaluator: Evaluator, train_it, workdir: str, info: RunInfo,
            restored, held, verbose: bool, started: float, init_plan: transfer.Plan | None) -> dict[str, Any]:
     cfg = exp.config
     cfg_dict = cfg.to_dict()
@@ -302,7 +302,7 @@ def _train(exp: Experiment, setup: Setup, evaluator: Evaluator, train_it, workdi
                     for line in init_plan.lines():
                         progress.message(line)
             progress.start = start
-            progress.message(parallel.describe_layout(setup.mesh, setup.rules_name, state.params, state.opt_state))
+            progress.message(sharding.describe_layout(setup.mesh, setup.rules_name, state.params, state.opt_state))
             for note in setup.notes:
                 progress.message('  ' + note)
             counts = accounting.summary(exp)
@@ -343,7 +343,7 @@ def _loop(run: _Run, state: TrainState, start: int, train_it, ckpt: checkpoint.C
     cfg = exp.config
     steps = cfg.train.steps
     kind = exp.spec.kind
-    replicated = parallel.replicated(setup.mesh)
+    replicated = sharding.replicated(setup.mesh)
     train_step = jax.jit(
         step_lib.make_train_step(setup.model, setup.tx, setup.lr, kind, label_smoothing=cfg.train.label_smoothing,
                                  seed=cfg.train.seed, skip_nonfinite=cfg.train.skip_nonfinite),

@@ -23,7 +23,7 @@ import numpy as np
 from flaxformer_lite import accounting
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.experiment import Experiment
+from flaxformer_lite.resolve import Run
 from flaxformer_lite.train.evaluate import LOWER_IS_BETTER
 
 RESULTS_FILE = 'results.json'
@@ -128,7 +128,7 @@ def run_convergence(workdir: str, step: int) -> dict[str, Any]:
     return convergence(series, step)
 
 
-def build(exp: Experiment, *, name: str, workdir: str, step: int, metrics: Mapping[str, float],
+def build(exp: Run, *, name: str, workdir: str, step: int, metrics: Mapping[str, float],
           best: Mapping[str, Mapping[str, float]], curves: Mapping[str, Any], wall_s: float, train_s: float,
           timed_steps: int, skipped_updates: int = 0) -> dict[str, Any]:
     counts = accounting.summary(exp)

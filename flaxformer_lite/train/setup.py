@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import parallel
-from flaxformer_lite.experiment import Experiment
+from flaxformer_lite import sharding
+from flaxformer_lite.resolve import Run
 from flaxformer_lite.train import optimizer, transfer
 from flaxformer_lite.train.state import TrainState
 
@@ -53,12 +53,12 @@ class Setup:
         return lowered.compile(compiler_options=options)(self.rng)
 
 
-def build(exp: Experiment) -> Setup:
+def build(exp: Run) -> Setup:
     """Mesh, model, optimizer and the state's shardings, derived shape-first."""
     cfg = exp.config
-    mesh = parallel.make_mesh(cfg.mesh)
-    rules_name = parallel.rules_preset(cfg.mesh, tuple(mesh.shape.values()))
-    rules = parallel.logical_rules(cfg.mesh, tuple(mesh.shape.values()))
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules_name = sharding.rules_preset(cfg.mesh, tuple(mesh.shape.values()))
+    rules = sharding.logical_rules(cfg.mesh, tuple(mesh.shape.values()))
     batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
     for field in ('train.batch_size', 'eval.batch_size'):
         value = config_lib.flatten(cfg.to_dict())[field]
@@ -83,12 +83,12 @@ def build(exp: Experiment) -> Setup:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        param_sh, notes = parallel.param_shardings(boxed, mesh, rules)
+        param_sh, notes = sharding.param_shardings(boxed, mesh, rules)
         abstract = jax.eval_shape(init_fn, rng)
-    opt_sh = parallel.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
-    state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh)
+    opt_sh = sharding.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
+    state_sh = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Setup(mesh=mesh, rules=rules, rules_name=rules_name, model=model, tx=tx, lr=lr, optim=cfg.optim,
                  state_shardings=state_sh,
-                 abstract_state=abstract, init_fn=init_fn, rng=rng, batch_sharding=parallel.batch_sharding(mesh),
+                 abstract_state=abstract, init_fn=init_fn, rng=rng, batch_sharding=sharding.batch_sharding(mesh),
                  notes=notes)

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 
-from flaxformer_lite import parallel
+from flaxformer_lite import sharding
 from flaxformer_lite.errors import ConfigError
 
 from conftest import ROOT, read_scalars
@@ -135,22 +135,22 @@ def test_two_processes_match_one_process(tmp_path):
 def test_mesh_sizes_must_multiply_to_the_device_count():
     cfg = dict(data=3, fsdp=1, tensor=1, num_devices=-1, rules='auto')
     with pytest.raises(ConfigError, match='product is 8'):
-        parallel.mesh_shape(cfg, 8)
-    assert parallel.mesh_shape(dict(cfg, data=-1, tensor=2), 8) == (4, 1, 2)
+        sharding.mesh_shape(cfg, 8)
+    assert sharding.mesh_shape(dict(cfg, data=-1, tensor=2), 8) == (4, 1, 2)
     with pytest.raises(ConfigError, match='do not divide the 8 devices'):
-        parallel.mesh_shape(dict(cfg, data=-1, tensor=3), 8)
-    assert parallel.rules_preset(dict(cfg, rules='auto'), (2, 2, 2)) == 'fsdp_tp'
-    assert parallel.rules_preset(dict(cfg, rules='auto'), (8, 1, 1)) == 'dp'
+        sharding.mesh_shape(dict(cfg, data=-1, tensor=3), 8)
+    assert sharding.rules_preset(dict(cfg, rules='auto'), (2, 2, 2)) == 'fsdp_tp'
+    assert sharding.rules_preset(dict(cfg, rules='auto'), (8, 1, 1)) == 'dp'
 
 
 def test_custom_rules_take_precedence():
     cfg = dict(data=1, fsdp=1, tensor=1, rules='tp', custom_rules=(('vocab', None), ('mlp', 'fsdp')))
     first = {}
-    for name, axes in parallel.logical_rules(cfg, (1, 1, 1)):
+    for name, axes in sharding.logical_rules(cfg, (1, 1, 1)):
         first.setdefault(name, axes)  # flax uses the first rule that names an axis
     assert first['vocab'] is None and first['mlp'] == 'fsdp' and first['heads'] == 'tensor'
     with pytest.raises(ConfigError, match="'model' is not a mesh axis"):
-        parallel.logical_rules(dict(cfg, custom_rules=(('mlp', 'model'),)), (1, 1, 1))
+        sharding.logical_rules(dict(cfg, custom_rules=(('mlp', 'model'),)), (1, 1, 1))
 
 
 @pytest.mark.parametrize('args,message', [

@@ -3,7 +3,7 @@ parallel training forms against the recurrent ones (values and gradients), causa
 decoding against the full pass, counts against the trees, width matching, sharded
 training against one device, the state line of `--describe`, and learning recall.
 
-    python tests/test_modern_families.py mesh   # the 8-device runs (the tests start it)
+    python tests/test_fixed_state_families.py mesh   # the 8-device runs (the tests start it)
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import accounting, cli, config as config_lib, experiment
+from flaxformer_lite import accounting, cli, config as config_lib
+from flaxformer_lite import resolve as resolve_lib
 from flaxformer_lite.config import SIZES, base_config
 from flaxformer_lite.errors import ConfigError
-from flaxformer_lite.models import REGISTRY, decoding, get, linear_attention, mamba, mingru, modern_family
+from flaxformer_lite.models import REGISTRY, decoding, get, linear_attention, mamba, mingru, fixed_state_family
 from flaxformer_lite.models.linear_attention import retnet_log_decay
 from flaxformer_lite.spec import TaskSpec
 from flaxformer_lite.train import optimizer
@@ -116,7 +117,7 @@ def test_parallel_form_equals_recurrent_form_values_and_gradients_and_is_causal(
     channel mixer act per position, so this is every stack's causality."""
     name, fields = VARIANTS[variant]
     m = resolve(name, LM, **fields)
-    mixer = MIXERS[name].module(modern_family.hparams(m, LM))
+    mixer = MIXERS[name].module(fixed_state_family.hparams(m, LM))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 16)), jnp.float32)
     params = random_params(mixer, x, seed=2)
     w = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 16)), jnp.float32)
@@ -144,7 +145,7 @@ def test_linear_attention_equals_katharopoulos_attention_in_float64(fast_compile
     x = np.random.default_rng(4).normal(size=(2, 11, 16))
     for decay in ('none', 'retnet'):
         m = resolve('linear_attention', LM, chunk_size=4, la_decay=decay)  # chunks of 4, 4, 3
-        c = modern_family.hparams(m, LM)
+        c = fixed_state_family.hparams(m, LM)
         mixer = MIXERS['linear_attention'].module(c)
         p = random_params(mixer, jnp.zeros((1, 11, 16)), seed=5)
         got = jax.jit(lambda p, x: mixer.apply({'params': p}, x))(p, jnp.asarray(x, jnp.float32))
@@ -258,8 +259,8 @@ def test_linear_attention_choices_and_head_divisibility():
         resolve('linear_attention', LM, hidden=18, num_heads=4)
 
 
-def _recall(arg: str) -> experiment.Experiment:
-    return experiment.resolve(config_lib.load(os.path.join(ROOT, 'configs/recall.py') + ':' + arg))
+def _recall(arg: str) -> resolve.Run:
+    return resolve_lib.from_config(config_lib.load(os.path.join(ROOT, 'configs/recall.py') + ':' + arg))
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -294,12 +295,12 @@ def test_describe_prints_the_state_line(name, capsys):
 
 
 def test_transformer_and_recurrent_seq2seq_state_sizes():
-    exp = experiment.resolve(config_lib.load(os.path.join(ROOT, 'configs/seq2seq.py') + ':model=lstm'))
+    exp = resolve_lib.from_config(config_lib.load(os.path.join(ROOT, 'configs/seq2seq.py') + ':model=lstm'))
     m = exp.model_cfg
     assert exp.family.state_size(m, exp.spec) == dict(fixed=2 * m['num_layers'] * m['hidden'], per_token=0)
     luong = {**m, 'rnn_attention': 'luong', 'bidirectional': True}
     assert exp.family.state_size(luong, exp.spec)['per_source_token'] == 2 * m['hidden']
-    t = experiment.resolve(config_lib.load(os.path.join(ROOT, 'configs/seq2seq.py') + ':model=transformer'))
+    t = resolve_lib.from_config(config_lib.load(os.path.join(ROOT, 'configs/seq2seq.py') + ':model=transformer'))
     size = t.family.state_size(t.model_cfg, t.spec)
     assert size['per_token'] == size['per_source_token'] == 2 * t.model_cfg['num_layers'] * t.model_cfg['d_model']
     assert 'per source token (attention memory)' in accounting.state_line(t)
@@ -343,7 +344,7 @@ MESHES = {'one': dict(mesh__num_devices=1), 'fsdp_tp': dict(mesh__data=2, mesh__
 def mesh_losses() -> dict[str, list[float]]:
     """{family/mesh: training losses of 3 steps} (run under 8 fake devices). Both meshes
     start from the same random parameters (drawn once on the host, laid out on each mesh)."""
-    from flaxformer_lite import data, parallel
+    from flaxformer_lite import data, sharding
     from flaxformer_lite.train import loop, step as step_lib
     from flaxformer_lite.train.state import TrainState
     jax.config.update('jax_disable_most_optimizations', True)  # tiny programs: compile time is all
@@ -351,14 +352,14 @@ def mesh_losses() -> dict[str, list[float]]:
     for name in FAMILIES:
         start = None
         for mesh, fields in MESHES.items():
-            exp = experiment.resolve(tiny_config(model=name, **MESH_FIELDS, **fields))
+            exp = resolve_lib.from_config(tiny_config(model=name, **MESH_FIELDS, **fields))
             setup = loop.build(exp)
             train_it = data.train_iterator(exp.task, batch_size=exp.config.train.batch_size, seed=0)
             step = jax.jit(step_lib.make_train_step(setup.model, setup.tx, setup.lr, exp.spec.kind,
                                                     label_smoothing=0.0, seed=0),
                            in_shardings=(setup.state_shardings, setup.batch_sharding,
-                                         parallel.replicated(setup.mesh)),
-                           out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)))
+                                         sharding.replicated(setup.mesh)),
+                           out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)))
             with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
                 if start is None:
                     rng = np.random.default_rng(0)

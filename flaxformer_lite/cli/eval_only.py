@@ -21,14 +21,14 @@ import flax.linen as nn
 import jax
 
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.experiment import Experiment
-from flaxformer_lite import lock as lock_lib
+from flaxformer_lite.resolve import Run
+from flaxformer_lite.runtime import lock as lock_lib
 from flaxformer_lite.train import checkpoint, results as results_lib
 from flaxformer_lite.train.evaluate import Evaluator
 from flaxformer_lite.train.setup import build
 
 
-def evaluate_run(exp: Experiment, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
+def evaluate_run(exp: Run, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
     """Evaluate the latest checkpoint of `workdir`; returns the updated results record."""
     if not checkpoint.check_workdir(workdir, exp.config.to_dict(), exp.derived):
         raise UserError(f'--eval_only: --workdir={workdir} holds no run; train one there first')

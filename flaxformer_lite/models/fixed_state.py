@@ -1,13 +1,13 @@
-"""The stack that the modern recurrent and attention-free families share.
+"""The stack that the fixed-state families (recurrent and attention-free) share.
 
-  ModernLM          causal language model: logits [B, T, V] (the DecoderOnly counterpart)
-  ModernClassifier  the same causal stack + pooling + head: [B, C] or [B]
+  FixedStateLM          causal language model: logits [B, T, V] (the DecoderOnly counterpart)
+  FixedStateClassifier  the same causal stack + pooling + head: [B, C] or [B]
 
 Each layer is pre-norm residual: x + mixer(norm(x)), then, where the family has one
 (`mlp_expand` > 0), x + mlp(norm(x)); a final norm; embeddings tied with the output
 projection (or a separate head), exactly as the Transformer's. Only the sequence
 mixer differs between families (`linear_attention.py`, `mamba.py`, `mingru.py`): a
-module built from `ModernConfig` with
+module built from `FixedStateConfig` with
 
   __call__(x_BTD) -> y_BTD                 the parallel form (training, evaluation)
   step(state, x_BD) -> (y_BD, state)       the recurrent form (decoding), one token
@@ -33,8 +33,8 @@ from flaxformer_lite.models.transformer import pool, readout_input
 
 
 @dataclasses.dataclass(frozen=True)
-class ModernConfig:
-    """Hyperparameters of every modern family (filled by `modern_family.resolve`)."""
+class FixedStateConfig:
+    """Hyperparameters of every fixed-state family (filled by `fixed_state_family.resolve`)."""
     vocab_size: int
     num_outputs: int  # output vocabulary, classes, or 1 (regression)
     num_layers: int
@@ -72,14 +72,14 @@ class ModernConfig:
         return self.mlp_expand * self.hidden
 
     @classmethod
-    def from_mapping(cls, fields: Mapping[str, Any]) -> 'ModernConfig':
+    def from_mapping(cls, fields: Mapping[str, Any]) -> 'FixedStateConfig':
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in names})
 
 
 class Layer(nn.Module):
     """norm -> mixer -> residual (+ norm -> MLP -> residual); dropout on each branch."""
-    cfg: ModernConfig
+    cfg: FixedStateConfig
     mixer_cls: Any  # the family's mixer module class
 
     def setup(self):
@@ -111,7 +111,7 @@ class Layer(nn.Module):
 
 class _Stack(nn.Module):
     """Embedding, layers and final norm; the heads live in the two shapes below."""
-    cfg: ModernConfig
+    cfg: FixedStateConfig
     mixer_cls: Any
 
     def setup(self):
@@ -130,7 +130,7 @@ class _Stack(nn.Module):
         return self.final_norm(x_BTD)
 
 
-class ModernLM(_Stack):
+class FixedStateLM(_Stack):
     """Causal language model: logits [B, T, V]; `initial_state` + `step` decode with
     the families' fixed-size states and give the numbers of the full pass."""
 
@@ -160,7 +160,7 @@ class ModernLM(_Stack):
         return self._logits(self.final_norm(x_BD)[:, None])[:, 0], {'layers': new}
 
 
-class ModernClassifier(_Stack):
+class FixedStateClassifier(_Stack):
     """The causal stack + pooling (over real tokens) + head: [B, C] or predictions [B]."""
     regression: bool = False
 

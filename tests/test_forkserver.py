@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT, TINY_MODEL, TINY_RECALL, TINY_TRAIN, shared_jax_cache  # noqa: F401  (a fixture)
 
-from flaxformer_lite.sweep import forkserver, runner
+from flaxformer_lite.runtime import forkserver
+from flaxformer_lite.sweep import runner
 
 
 def _override(fields):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite.errors import UserError
-from flaxformer_lite.experiment import Experiment
+from flaxformer_lite.resolve import Run
 from flaxformer_lite.models import decoding
 from flaxformer_lite.train import checkpoint
 from flaxformer_lite.train.setup import build
@@ -36,7 +36,7 @@ class Options:
     seed: int = 0
 
 
-def check(exp: Experiment, prompt: str | None, opts: Options) -> np.ndarray:
+def check(exp: Run, prompt: str | None, opts: Options) -> np.ndarray:
     """The prompt's tokens, or UserError for what cannot be generated (before any work)."""
     kind = exp.spec.kind
     if kind not in ('lm', 'seq2seq') or exp.family.decoder is None:
@@ -65,7 +65,7 @@ def check(exp: Experiment, prompt: str | None, opts: Options) -> np.ndarray:
     return tokens
 
 
-def generate(exp: Experiment, workdir: str, prompt: str | None, opts: Options) -> tuple[str, int]:
+def generate(exp: Run, workdir: str, prompt: str | None, opts: Options) -> tuple[str, int]:
     """(the generated text, the checkpoint step it came from)."""
     tokens = check(exp, prompt, opts)
     if not checkpoint.check_workdir(workdir, exp.config.to_dict(), exp.derived):
@@ -87,7 +87,7 @@ def generate(exp: Experiment, workdir: str, prompt: str | None, opts: Options) -
     return exp.task.tokens_text(out), step
 
 
-def _decode(exp: Experiment, params, tokens: np.ndarray, opts: Options) -> jax.Array:
+def _decode(exp: Run, params, tokens: np.ndarray, opts: Options) -> jax.Array:
     spec = exp.spec
     if spec.kind == 'lm':
         # The cache holds the prompt and every new token (a longer cache than training's is no parameter).

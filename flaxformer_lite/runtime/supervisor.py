@@ -46,7 +46,7 @@ def die_with_parent(sig: int = signal.SIGTERM):
 
 
 def cluster_launch() -> bool:
-    """Several processes started by a cluster launcher (as parallel.initialize_distributed detects)."""
+    """Several processes started by a cluster launcher (as sharding.initialize_distributed detects)."""
     return (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
             or 'TPU_WORKER_HOSTNAMES' in os.environ)
 

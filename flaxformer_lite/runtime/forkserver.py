@@ -27,7 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
-from flaxformer_lite.supervisor import die_with_parent  # stdlib-only at import time, so the server stays light
+from flaxformer_lite.runtime.supervisor import die_with_parent  # stdlib-only at import time, so the server stays light
 
 # Set to 0 to start each trial as a plain subprocess instead.
 ENV_SWITCH = 'FLAXFORMER_FORK_SERVER'
@@ -84,7 +84,7 @@ def _run_child(request: dict, server: int) -> int:
 
 
 def serve() -> None:
-    """The server's main loop (`python -m flaxformer_lite.sweep.forkserver`)."""
+    """The server's main loop (`python -m flaxformer_lite.runtime.forkserver`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)()
@@ -95,7 +95,7 @@ def serve() -> None:
     import orbax.checkpoint  # noqa: F401
     import tensorboard.summary.writer.event_file_writer  # noqa: F401
 
-    from flaxformer_lite import cli, experiment  # noqa: F401
+    from flaxformer_lite import cli, resolve  # noqa: F401
     from flaxformer_lite.train import loop  # noqa: F401
     if _backends_started():
         _send('unsafe: a JAX backend started during the imports')
@@ -165,7 +165,7 @@ class ForkServer:
     def start(cls, env: dict[str, str]) -> 'ForkServer | None':
         if os.environ.get(ENV_SWITCH, '1') == '0' or not hasattr(os, 'fork') or sys.platform != 'linux':
             return None
-        proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lite.sweep.forkserver'], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lite.runtime.forkserver'], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
         server = cls(proc)
         if server._line() != 'ready':
@@ -238,7 +238,7 @@ class ForkServer:
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (Linux: from /proc, as the workdir lock judges its holders)."""
-    from flaxformer_lite import lock
+    from flaxformer_lite.runtime import lock
     return lock._proc_start(pid)[0] not in (None, 'Z')
 
 

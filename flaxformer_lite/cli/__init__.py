@@ -35,7 +35,7 @@ import json
 import os
 import sys
 
-from flaxformer_lite import supervisor
+from flaxformer_lite.runtime import supervisor
 from flaxformer_lite.errors import UserError
 
 FLAGS_HELP = {
@@ -204,7 +204,7 @@ def describe(exp) -> str:
 
 
 def run_generate(args: argparse.Namespace, exp) -> int:
-    from flaxformer_lite.train import generate
+    from flaxformer_lite.cli import generate
     prompt = args.prompt
     if args.prompt_file is not None:
         try:
@@ -237,14 +237,14 @@ def _saved_config(workdir: str, overrides: dict[str, str]):
 
 def dry_run(sweep) -> str:
     """The trials, with the training FLOPs each would spend (or why it cannot run)."""
-    from flaxformer_lite import accounting, experiment
+    from flaxformer_lite import accounting, resolve
     from flaxformer_lite.sweep import runner
     lines = [f'sweep {sweep.name}: {len(sweep.trials)} trials ({"recorded" if sweep.recorded else "new or extended"}); '
              f'swept: {", ".join(sweep.swept_fields) or "-"}']
     total = 0.0
     for trial in sweep.trials:
         try:
-            exp = experiment.resolve(sweep.trial_config(trial))
+            exp = resolve.from_config(sweep.trial_config(trial))
             flops = accounting.summary(exp)['flops_per_example'] * exp.config.train.steps * exp.config.train.batch_size
             total += flops
             cost = f'{flops:.3g} FLOPs ({exp.config.train.steps} steps)'
@@ -258,7 +258,7 @@ def dry_run(sweep) -> str:
 
 
 def run_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from flaxformer_lite import lock
+    from flaxformer_lite.runtime import lock
     from flaxformer_lite.sweep import plan, runner, slurm, stages
     tuned = plan.tuned_spec(args.config, overrides) is not None
     if tuned and args.dry_run:
@@ -354,11 +354,11 @@ def main(argv: list[str]) -> int:
             return run_report(args)
         if args.sweep:  # before importing jax: a refused runner or trial says so at once
             return run_sweep(args, overrides)
-        from flaxformer_lite import config, experiment, parallel
+        from flaxformer_lite import config, resolve, sharding
         cfg = config.load(args.config, overrides) if args.config else _saved_config(args.workdir, overrides)
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                         timeout_s=args.distributed_timeout)
-        exp = experiment.resolve(cfg)
+        exp = resolve.from_config(cfg)
         if args.describe:
             print(describe(exp))
             return 0
@@ -368,7 +368,7 @@ def main(argv: list[str]) -> int:
         if not args.workdir:
             raise UserError('--workdir=DIR is required to train (or use --describe / --show_examples=N)')
         if args.eval_only:
-            from flaxformer_lite.train import eval_only
+            from flaxformer_lite.cli import eval_only
             eval_only.evaluate_run(exp, args.workdir, verbose=not args.quiet)
             return 0
         if args.generate:

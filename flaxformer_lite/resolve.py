@@ -20,7 +20,8 @@ from flaxformer_lite.tasks import Task
 
 
 @dataclasses.dataclass
-class Experiment:
+class Run:
+    """One run, resolved: what `from_config` returns and everything downstream reads."""
     config: ml_collections.ConfigDict  # resolved (model fields filled) and locked
     task: Task
     eval_tasks: dict[str, Task]  # tag prefix ('eval', 'eval/dep_64', ...) -> task
@@ -38,7 +39,7 @@ class Experiment:
         return spec.input_len + (spec.target_len if spec.kind == 'seq2seq' else 0)
 
 
-def resolve(cfg: ml_collections.ConfigDict) -> Experiment:
+def from_config(cfg: ml_collections.ConfigDict) -> Run:
     config_lib.check(cfg)
     task = tasks.build(cfg.task)
     eval_tasks = {'eval': task}
@@ -77,7 +78,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Experiment:
         cfg.train.steps = steps_for_budget(cfg, family, resolved, task.spec)
         derived += ('train.steps',)
     cfg.lock()
-    return Experiment(config=cfg, task=task, eval_tasks=eval_tasks, family=family,
+    return Run(config=cfg, task=task, eval_tasks=eval_tasks, family=family,
                       model_cfg={**resolved, **parametrization(cfg, family, resolved)}, derived=derived)
 
 

@@ -1,4 +1,4 @@
-"""What the modern families (linear_attention, mamba, mingru) share as registry entries:
+"""What the fixed-state families (linear_attention, mamba, mingru) share as registry entries:
 config resolution with parameter matching, building, analytic counts, FLOPs, decoding
 and the state size. A family is a `Mixer` (its module and its per-layer numbers)
 turned into a `ModelFamily` by `make_family`.
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from flaxformer_lite.models import family, recurrent_family
 from flaxformer_lite.models.family import ModelFamily, StepFns
-from flaxformer_lite.models.modern import ModernClassifier, ModernConfig, ModernLM
+from flaxformer_lite.models.fixed_state import FixedStateClassifier, FixedStateConfig, FixedStateLM
 from flaxformer_lite.spec import TaskSpec
 
 COMMON_DEFAULTS = dict(dropout=0.0, pooling='mean', share_embeddings=True, scale_embeddings=True, dtype='float32',
@@ -30,12 +30,12 @@ COMMON_CHOICES = dict(pooling=('mean', 'first', 'last'), dtype=('float32', 'bflo
 
 @dataclasses.dataclass(frozen=True)
 class Mixer:
-    """A family's sequence mixer and its per-layer numbers (all from a ModernConfig)."""
+    """A family's sequence mixer and its per-layer numbers (all from a FixedStateConfig)."""
     name: str
-    module: type  # nn.Module class: (cfg) -> __call__ / step / zero_state (see models/modern.py)
-    param_count: Callable[[ModernConfig], int]  # parameters of one mixer
-    forward_macs: Callable[[ModernConfig], int]  # multiply-accumulates per token of one mixer
-    state_floats: Callable[[ModernConfig], int]  # recurrent state of one mixer, per sequence
+    module: type  # nn.Module class: (cfg) -> __call__ / step / zero_state (see models/fixed_state.py)
+    param_count: Callable[[FixedStateConfig], int]  # parameters of one mixer
+    forward_macs: Callable[[FixedStateConfig], int]  # multiply-accumulates per token of one mixer
+    state_floats: Callable[[FixedStateConfig], int]  # recurrent state of one mixer, per sequence
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     positive: tuple[str, ...] = ()  # integer fields that must be >= 1
@@ -105,8 +105,8 @@ def _matched_width(mixer: Mixer, m: dict[str, Any], model: Mapping[str, Any], si
                 f"{count(hidden):,}); set model.hidden")
 
 
-def hparams(m: Mapping[str, Any], spec: TaskSpec, **changes) -> ModernConfig:
-    cfg = ModernConfig.from_mapping({**m, 'vocab_size': spec.vocab_size, 'num_outputs': spec.num_outputs,
+def hparams(m: Mapping[str, Any], spec: TaskSpec, **changes) -> FixedStateConfig:
+    cfg = FixedStateConfig.from_mapping({**m, 'vocab_size': spec.vocab_size, 'num_outputs': spec.num_outputs,
                                      'pad_id': spec.pad_id, 'bos_id': spec.bos_id})
     return dataclasses.replace(cfg, **changes)
 
@@ -114,15 +114,15 @@ def hparams(m: Mapping[str, Any], spec: TaskSpec, **changes) -> ModernConfig:
 def build(mixer: Mixer, m: Mapping[str, Any], spec: TaskSpec, **changes):
     cfg = hparams(m, spec, **changes)
     if m['arch'] == 'decoder_only':
-        return ModernLM(cfg, mixer.module)
-    return ModernClassifier(cfg, mixer.module, regression=spec.kind == 'regress')
+        return FixedStateLM(cfg, mixer.module)
+    return FixedStateClassifier(cfg, mixer.module, regression=spec.kind == 'regress')
 
 
-def _norm_params(c: ModernConfig) -> int:
+def _norm_params(c: FixedStateConfig) -> int:
     return 2 * c.hidden if c.norm == 'layernorm' else c.hidden
 
 
-def _mlp(c: ModernConfig) -> tuple[int, int]:
+def _mlp(c: FixedStateConfig) -> tuple[int, int]:
     """(parameters, multiply-accumulates per token) of the channel mixer."""
     h, f = c.hidden, c.mlp_width
     if not c.mlp_expand:
@@ -175,10 +175,10 @@ def decoder(mixer: Mixer, m: Mapping[str, Any], spec: TaskSpec) -> StepFns:
     model = build(mixer, m, spec, dropout=0.0)
 
     def init(params, batch):
-        return model.apply({'params': params}, batch, method=ModernLM.initial_state)
+        return model.apply({'params': params}, batch, method=FixedStateLM.initial_state)
 
     def step(params, state, tokens_B):
-        return model.apply({'params': params}, state, tokens_B, method=ModernLM.step)
+        return model.apply({'params': params}, state, tokens_B, method=FixedStateLM.step)
 
     return StepFns(init=init, step=step)
 
