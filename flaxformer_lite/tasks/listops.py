@@ -33,15 +33,10 @@ import numpy as np
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.spec import TaskSpec
 from flaxformer_lite.tasks.base import SPLITS, Task, require
+from flaxformer_lite.tasks import listops_files
 from flaxformer_lite.tasks.common import PAD, as_patterns, check_ints, check_seq_len, classify_example
+from flaxformer_lite.tasks.listops_vocab import DIGIT0, END, OP0, OPS, WORDS
 
-DIGIT0 = 2  # tokens 2..11: the digits
-OPS = ('[MIN', '[MAX', '[MED', '[SM')
-OP0 = DIGIT0 + 10  # tokens 12..15: the operators
-END = OP0 + len(OPS)  # token 16: ']'
-VOCAB = {**{str(d): DIGIT0 + d for d in range(10)}, **{op: OP0 + i for i, op in enumerate(OPS)},
-         ']': END}
-WORDS = {t: w for w, t in VOCAB.items()}
 _LEAF = -1
 
 
@@ -84,7 +79,6 @@ class ListOps(Task):
         self.patterns = as_patterns(c['files'])
         self._chance: dict[str, float] | None = None
         if self.patterns:
-            from flaxformer_lite.tasks import listops_files  # the reader needs this module's vocabulary
             self.rows = listops_files.load(self.patterns, c['seq_len'])
             return
         check_ints(c, dict(dependency_length=4, max_depth=1, max_arity=2))

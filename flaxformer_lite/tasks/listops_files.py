@@ -22,7 +22,7 @@ import numpy as np
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.tasks.base import SPLITS, require, split_of
 from flaxformer_lite.tasks.common import classify_example, read_text, resolve_files
-from flaxformer_lite.tasks.listops import END, OP0, VOCAB
+from flaxformer_lite.tasks.listops_vocab import END, OP0, VOCAB
 
 _SPLIT_WORDS = (('test', 'test'), ('val', 'eval'), ('dev', 'eval'), ('eval', 'eval'),
                 ('train', 'train'))
