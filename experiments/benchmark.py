@@ -8,7 +8,7 @@
 
 Our side trains through the project's own path: the family's `build`, `train/setup.py`'s
 state and shardings, `train/step.py`'s step with the optimizer of `train/optimizer.py`,
-jitted with donation as the loop does, on real batches of the task. PyTorch's side
+jitted by the same `train.setup.jit_train_step` as the loop, on real batches of the task. PyTorch's side
 (optional: `pip install torch`; skipped without it) trains the same model in eager mode:
 `nn.TransformerEncoder` (pre-norm, GELU, causal mask, tied embeddings) or `nn.LSTM`, with
 AdamW and global-norm clipping, same batch, same thread count. Each side runs in its own
@@ -131,11 +131,7 @@ class Ours:
         setup = setup_lib.build(exp)
         self.dtype = cfg.model.dtype
         rep = sharding.replicated(setup.mesh)
-        fn = step_lib.make_train_step(setup.model, setup.tx, setup.lr, exp.spec.kind,
-                                      label_smoothing=cfg.train.label_smoothing, seed=cfg.train.seed,
-                                      skip_nonfinite=cfg.train.skip_nonfinite)
-        step = jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding, rep, rep),
-                       out_shardings=(setup.state_shardings, rep, rep), donate_argnums=(0,))
+        step = setup_lib.jit_train_step(setup, cfg, exp.spec.kind)  # the loop's own jitted step
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             self.state = setup.init_state()
             self.health = jax.jit(step_lib.initial_health, out_shardings=rep)()

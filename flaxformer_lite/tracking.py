@@ -26,6 +26,8 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
+from flaxformer_lite.util import format_duration
+
 # The fields every run shows first in the HParams tab, in this order: the model family,
 # its size, the task. A sweep's swept fields follow them, then the parameter counts
 # (COUNTS), then everything else.
@@ -211,13 +213,6 @@ def line_plot_png(y: np.ndarray, *, title: str, xlabel: str, ylabel: str) -> tup
     width, height = fig.canvas.get_width_height()
     plt.close(fig)
     return buf.getvalue(), width, height
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s' if m else f'{s}s'
 
 
 class Progress:

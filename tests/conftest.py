@@ -141,121 +141,37 @@ def assert_same_tree(a, b) -> None:
         assert np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True), jax.tree_util.keystr(path)
 
 
-# The source of Zygote's server process (run with python -c).
-_ZYGOTE = r'''
-import json, os, signal, sys, threading, time, traceback
-sys.path[:0] = [os.environ['ZYGOTE_ROOT'], os.path.join(os.environ['ZYGOTE_ROOT'], 'tests')]
-import jax
-jax.config.update('jax_compilation_cache_dir', os.environ['ZYGOTE_CACHE'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-from flaxformer_lite import cli, tracking
-from flaxformer_lite.train import checkpoint, evaluate, results
-import tensorboard.summary.writer.event_file_writer, orbax.checkpoint, grain  # noqa: F401
-
-def die():
-    sys.stderr.write('ZYGOTE: killing myself now\n'); sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def install(plan):
-    """Where this child kills itself with SIGKILL (a plan from the test)."""
-    kind = plan.get('kind')
-    if kind == 'after_seconds':
-        threading.Timer(plan['seconds'], die).start()
-    elif kind == 'at_step':
-        update = tracking.Progress.update
-        def at(self, step):
-            update(self, step)
-            if step == plan['step']:
-                die()
-        tracking.Progress.update = at
-    elif kind == 'in_save':  # the async save of step plan['step'] dispatched: die while it writes
-        save = checkpoint.Checkpointer.save
-        def saving(self, step, *a, **k):
-            save(self, step, *a, **k)
-            if step == plan['step']:
-                time.sleep(plan.get('delay', 0.0))
-                die()
-        checkpoint.Checkpointer.save = saving
-    elif kind == 'in_test_eval':
-        call = evaluate.Evaluator.__call__
-        def evaluating(self, params, split='eval'):
-            if split == 'test':
-                die()
-            return call(self, params, split)
-        evaluate.Evaluator.__call__ = evaluating
-    elif kind == 'before_results':
-        def writing(workdir, record):
-            die()
-        results.write = writing
-    elif kind == 'mid_results':  # the temporary file written, not yet renamed
-        def writing(workdir, record):
-            path = os.path.join(workdir, results.RESULTS_FILE)
-            with open(path + '.tmp', 'w') as f:
-                json.dump(record, f)
-            die()
-        results.write = writing
-    if plan.get('cpus'):
-        os.sched_setaffinity(0, plan['cpus'])
-
-print('ready', flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    if request['op'] == 'start':
-        pid = os.fork()
-        if pid == 0:
-            try:
-                sys.stdin.close()
-                fd = os.open(request['log'], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-                os.dup2(fd, 1); os.dup2(fd, 2)
-                sys.stdout = os.fdopen(1, 'w', buffering=1); sys.stderr = os.fdopen(2, 'w', buffering=1)
-                os.chdir(request.get('cwd') or os.environ['ZYGOTE_ROOT'])
-                install(request.get('plan') or {})
-                code = cli.main(request['argv'])
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-        print(json.dumps({'pid': pid}), flush=True)
-    elif request['op'] == 'wait':
-        _, status = os.waitpid(request['pid'], 0)
-        print(json.dumps({'code': os.waitstatus_to_exitcode(status)}), flush=True)
-'''
-
-
 class Zygote:
-    """A server process that imports jax and flaxformer_lite once, then forks one child
-    per command (`cli.main(argv)`), so a test can start, kill -9 and restart real runs
+    """The package's fork server (runtime/forkserver.py), as the tests use it: it imports
+    jax and flaxformer_lite once, then forks one child per command (`cli.main(argv)`
+    through tests/fault_injection.py), so a test can start, kill -9 and restart real runs
     without paying the imports each time (seconds on a 2-core machine). A child may be
-    told where to kill itself (`plan`: at_step, after_seconds, in_save, in_test_eval,
-    before_results, mid_results). All children share one persistent compilation cache."""
+    told where to kill itself (`plan`: see fault_injection.py). All children share the
+    session's persistent compilation cache (the environment conftest.py set)."""
 
-    def __init__(self, cache_dir: str, env: dict | None = None):
-        import subprocess
-        import sys
-        self.children: set[int] = set()
-        full_env = dict(os.environ, ZYGOTE_ROOT=ROOT, ZYGOTE_CACHE=str(cache_dir), **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, '-c', _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=full_env, cwd=ROOT)
-        ready = self.proc.stdout.readline()
-        assert ready.strip() == 'ready', ready
-
-    def _ask(self, request: dict) -> dict:
-        import json
-        self.proc.stdin.write(json.dumps(request) + '\n')
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+    def __init__(self, env: dict | None = None):
+        from flaxformer_lite.runtime import forkserver
+        full_env = dict(os.environ, **(env or {}))
+        full_env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, 'tests'),
+                                                              full_env.get('PYTHONPATH')) if p)
+        self.server = forkserver.ForkServer.start(full_env, preload=('fault_injection',), cwd=ROOT)
+        assert self.server is not None, 'the fork server did not start'
+        self.children: dict[int, object] = {}
 
     def start(self, argv: list[str], log: str, plan: dict | None = None) -> int:
-        pid = self._ask({'op': 'start', 'argv': [str(a) for a in argv], 'log': str(log), 'plan': plan or {}})['pid']
-        self.children.add(pid)
-        return pid
+        import json
+        plan = plan or {}
+        child = self.server.spawn('fault_injection:run', [json.dumps(plan), *argv], str(log), set(plan.get('cpus', ())))
+        assert child is not None, 'the fork server is gone'
+        self.children[child.pid] = child
+        return child.pid
 
     def wait(self, pid: int) -> int:
         """The child's exit status (-9 when killed by SIGKILL)."""
-        code = self._ask({'op': 'wait', 'pid': pid})['code']
-        self.children.discard(pid)
+        import time
+        child = self.children.pop(pid)
+        while (code := child.poll()) is None:
+            time.sleep(0.05)
         return code
 
     def run(self, argv: list[str], log: str, plan: dict | None = None) -> int:
@@ -263,14 +179,9 @@ class Zygote:
 
     def close(self) -> None:
         import signal
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.stdin.close()
-        self.proc.kill()
-        self.proc.wait()
+        for child in self.children.values():
+            child.send_signal(signal.SIGKILL)
+        self.server.close()
 
 
 @pytest.fixture(scope='session')
@@ -281,8 +192,8 @@ def shared_jax_cache():
 
 
 @pytest.fixture(scope='module')
-def zygote(shared_jax_cache):
-    z = Zygote(shared_jax_cache)
+def zygote():
+    z = Zygote()
     yield z
     z.close()
 

@@ -1,5 +1,5 @@
-"""The sweep runner's fork server and scheduling: a child runs `launch.py`'s arguments as a fresh
-process would (its exit status, its output in the log, the CPUs it was given), a
+"""The fork server and the sweep runner's scheduling: a child runs a call (here `launch.py`'s
+command line, for the runner a sweep trial's entry point) as a fresh process would (its exit status, its output in the log, the CPUs it was given), a
 signalled child stops as a trial process does (SIGTERM: checkpoint, then 143), the
 server's death stops its children, FLAXFORMER_FORK_SERVER=0 turns it off (each trial then
 a subprocess the runner gives the log to; with the server, only the child opens it); a trial
@@ -15,6 +15,9 @@ from conftest import ROOT, TINY_MODEL, TINY_RECALL, TINY_TRAIN, shared_jax_cache
 
 from flaxformer_lite.runtime import forkserver
 from flaxformer_lite.sweep import runner
+
+
+CLI = 'flaxformer_lite.cli:main'  # what launch.py runs
 
 
 def _override(fields):
@@ -45,7 +48,7 @@ def server(monkeypatch, shared_jax_cache):
     monkeypatch.chdir(ROOT)
     env = dict(runner.child_env(), JAX_COMPILATION_CACHE_DIR=shared_jax_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    started = forkserver.ForkServer.start(env)
+    started = forkserver.ForkServer.start(env, preload=('flaxformer_lite.cli',))
     assert started is not None
     yield started
     started.close()
@@ -53,11 +56,11 @@ def server(monkeypatch, shared_jax_cache):
 
 def test_a_child_exits_as_launch_would_with_its_output_in_the_log(server, tmp_path):
     log = tmp_path / 'bad.log'
-    child = server.spawn(['--config=configs/recall.py', '--config.train.stepz=3', '--describe'], str(log), {0})
+    child = server.spawn(CLI, ['--config=configs/recall.py', '--config.train.stepz=3', '--describe'], str(log), {0})
     assert _wait(child.poll) == 2
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     assert len(lines) == 1 and 'train.stepz' in lines[0] and 'train.steps' in lines[0], lines
-    good = server.spawn(['--config=configs/recall.py', '--describe'], str(tmp_path / 'good.log'), {0})
+    good = server.spawn(CLI, ['--config=configs/recall.py', '--describe'], str(tmp_path / 'good.log'), {0})
     assert _wait(good.poll, timeout=60) is not None and good.poll() == 0
     assert 'parameters' in (tmp_path / 'good.log').read_text()
 
@@ -65,7 +68,7 @@ def test_a_child_exits_as_launch_would_with_its_output_in_the_log(server, tmp_pa
 def test_a_signalled_child_saves_and_stops_on_the_cpus_it_was_given(server, tmp_path):
     cpus = {sorted(os.sched_getaffinity(0))[-1]}
     workdir = tmp_path / 'run'
-    child = server.spawn(_long_run(workdir), str(tmp_path / 'run.log'), cpus)
+    child = server.spawn(CLI, _long_run(workdir), str(tmp_path / 'run.log'), cpus)
     _wait(lambda: (workdir / 'checkpoints').is_dir() and any(n.isdigit() for n in os.listdir(workdir / 'checkpoints')))
     with open(f'/proc/{child.pid}/status') as f:
         allowed = next(line for line in f if line.startswith('Cpus_allowed_list:')).split()[1]
@@ -77,7 +80,7 @@ def test_a_signalled_child_saves_and_stops_on_the_cpus_it_was_given(server, tmp_
 
 def test_the_servers_death_stops_its_children(server, tmp_path):
     workdir = tmp_path / 'run'
-    child = server.spawn(_long_run(workdir), str(tmp_path / 'run.log'), set(os.sched_getaffinity(0)))
+    child = server.spawn(CLI, _long_run(workdir), str(tmp_path / 'run.log'), set(os.sched_getaffinity(0)))
     _wait(lambda: (workdir / 'checkpoints').is_dir())
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
@@ -86,7 +89,7 @@ def test_the_servers_death_stops_its_children(server, tmp_path):
     assert _wait(child.poll, timeout=120) == 1
     assert not forkserver._running(child.pid)
     assert not (workdir / 'results.json').exists()
-    assert server.spawn(['--describe'], str(tmp_path / 'x.log'), {0}) is None  # the runner then uses Popen
+    assert server.spawn(CLI, ['--describe'], str(tmp_path / 'x.log'), {0}) is None  # the runner then uses Popen
 
 
 def test_the_switch_turns_the_server_off(monkeypatch):
@@ -126,13 +129,14 @@ def test_with_the_server_the_runner_leaves_the_log_to_it(monkeypatch, tmp_path):
             return 0
 
     class Server:
-        def spawn(self, argv, log, cpus):
+        def spawn(self, call, argv, log, cpus):
+            assert call == runner.TRIAL_CALL and argv[:2] == [f'--workdir={os.path.abspath(sweep.root)}', '--trial=0']
             return Done()
 
         def close(self):
             pass
 
-    monkeypatch.setattr(runner.ForkServer, 'start', classmethod(lambda cls, env: Server()))
+    monkeypatch.setattr(runner.ForkServer, 'start', classmethod(lambda cls, env, **kw: Server()))
     sweep, trial = _one_trial_sweep(tmp_path, {'model.num_heads': 4})
     assert runner.run_local(sweep, parallel=1) == 0
     assert not os.path.exists(runner.log_path(sweep, trial))  # only the server's child writes it

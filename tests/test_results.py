@@ -162,6 +162,18 @@ def test_step_timer_counts_only_running_time():
     assert timer.window_rate() == 10.0 and timer.steps == 20 and timer.seconds == 2.0
 
 
+def test_a_paused_step_timer_runs_again_only_if_it_ran():
+    timer = loop.StepTimer()
+    with timer.paused():
+        timer.count()
+    assert timer.steps == 0  # it was not running, and is not after the pause
+    timer.start()
+    with timer.paused():
+        timer.count()  # dispatched while paused: not counted
+    timer.count()
+    assert timer.steps == 1
+
+
 def test_an_exception_in_the_loop_still_finishes_checkpoints_and_closes_events(workdir, monkeypatch):
     calls = []
 

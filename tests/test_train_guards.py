@@ -1,7 +1,8 @@
-"""The run's guards on one process (train/guards.py): the non-finite check names the bad
-step, value and last checkpoint; a stop signal is one request even when delivered twice,
-a second different one stops at once; lock and resume decisions pass straight through.
-(NaN/Inf and signals in a real run: test_reliability.py; several processes:
+"""The run's guards on one process: the non-finite check names the bad step, value and
+last checkpoint (train/guards.py); the shell's hooks (runtime/hooks.py): a stop signal is
+one request even when delivered twice, a second different one stops at once, lock and
+resume decisions pass straight through; the core's default hooks hold nothing and never
+stop. (NaN/Inf and signals in a real run: test_reliability.py; several processes:
 test_reliability_multihost.py.)"""
 
 import os
@@ -9,8 +10,9 @@ import signal
 
 import pytest
 
-from flaxformer_lite.runtime import lock as lock_lib
+from flaxformer_lite.runtime import hooks as shell, lock as lock_lib
 from flaxformer_lite.train import guards
+from flaxformer_lite.train.hooks import RunHooks
 from flaxformer_lite.train.step import GRADS_BAD, LOSS_BAD
 
 
@@ -59,7 +61,7 @@ def test_a_bad_step_not_among_the_fetched_metrics_is_not_finite():
 
 def test_a_signal_is_one_request_even_twice_and_another_stops_at_once():
     before = signal.getsignal(signal.SIGTERM)
-    with guards.StopFlag() as stop:
+    with shell.shell_hooks().stop_requests() as stop:
         assert not stop.requested(1, every=10)
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the same request delivered twice
@@ -71,7 +73,23 @@ def test_a_signal_is_one_request_even_twice_and_another_stops_at_once():
 
 def test_one_process_takes_the_lock_itself_and_keeps_its_resume_decision(tmp_path):
     assert guards.agreed(True) is True and guards.agreed(False) is False
-    held = guards.take_lock(str(tmp_path / 'run'))
-    assert lock_lib.holder(str(tmp_path / 'run'))['pid'] == os.getpid()
+    hooks = shell.shell_hooks()
+    held = hooks.claim(str(tmp_path / 'run'))
+    assert lock_lib.holder(str(tmp_path / 'run'))['pid'] == os.getpid() and held.lost is None
+    hooks.check_free(str(tmp_path / 'run'))  # this process's own lock is no refusal
+    held.lock.lost = {'pid': 7, 'host': 'h', 'since': 's', 'kind': 'training'}  # what the heartbeat records
+    assert held.lost == 'pid 7 on host h since s (training)'
     held.release()
     assert lock_lib.holder(str(tmp_path / 'run')) is None
+
+
+def test_the_cores_default_hooks_hold_nothing_and_never_stop(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    hooks = RunHooks()
+    hooks.check_free(str(tmp_path))
+    held = hooks.claim(str(tmp_path / 'run'))
+    assert held.lost is None and not (tmp_path / 'run').exists()
+    held.release(undo=True)
+    with hooks.stop_requests() as stop:
+        assert signal.getsignal(signal.SIGTERM) == before
+        assert not stop.requested(10, every=10) and stop.signal is None

@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from flaxformer_lite.errors import UserError
+from flaxformer_lite.util import flatten
 
 STATUSES = ('done', 'failed', 'running', 'pending')
 # results.json's `convergence.status`: whether the validation loss was still improving over
@@ -91,17 +92,6 @@ class Run:
 def _read_json(path: str) -> Any:
     with open(path, encoding='utf-8') as f:
         return json.load(f)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    """{'model': {'name': 'lstm'}} -> {'model.name': 'lstm'}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = value
-    return out
 
 
 def _run_from_results(path: str, workdir: str, name: str) -> Run:

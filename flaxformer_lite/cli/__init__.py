@@ -35,7 +35,7 @@ import json
 import os
 import sys
 
-from flaxformer_lite.runtime import supervisor
+from flaxformer_lite.runtime import exits, supervisor
 from flaxformer_lite.errors import UserError
 
 FLAGS_HELP = {
@@ -345,45 +345,39 @@ def _report_spec(config_spec: str | None, paths: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args, overrides = parse(argv)
-        if (not (args.sweep or args.report) and not os.environ.get(supervisor.SUPERVISED)
-                and (args.coordinator is not None or supervisor.cluster_launch())):
-            return supervisor.supervise(argv, args)
-        if args.report:
-            return run_report(args)
-        if args.sweep:  # before importing jax: a refused runner or trial says so at once
-            return run_sweep(args, overrides)
-        from flaxformer_lite import config, resolve, sharding
-        cfg = config.load(args.config, overrides) if args.config else _saved_config(args.workdir, overrides)
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                        timeout_s=args.distributed_timeout)
-        exp = resolve.from_config(cfg)
-        if args.describe:
-            print(describe(exp))
-            return 0
-        if args.show_examples:
-            print(show_examples(exp, args.show_examples))
-            return 0
-        if not args.workdir:
-            raise UserError('--workdir=DIR is required to train (or use --describe / --show_examples=N)')
-        if args.eval_only:
-            from flaxformer_lite.cli import eval_only
-            eval_only.evaluate_run(exp, args.workdir, verbose=not args.quiet)
-            return 0
-        if args.generate:
-            return run_generate(args, exp)
-        from flaxformer_lite import train
-        result = train.train_and_evaluate(exp, args.workdir, verbose=not args.quiet)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 -- the run's own failures (numeric, storage) carry their status
-        status = getattr(type(e), 'exit_status', None)
-        if status is None:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        return status
-    if result.get('status') == 'interrupted':
-        return 128 + int(result['signal'])  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-    return 0
+    """launch.py's command line; returns the exit status (runtime/exits.py)."""
+    return exits.run(lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    args, overrides = parse(argv)
+    if (not (args.sweep or args.report) and not os.environ.get(supervisor.SUPERVISED)
+            and (args.coordinator is not None or supervisor.cluster_launch())):
+        return supervisor.supervise(argv, args)
+    if args.report:
+        return run_report(args)
+    if args.sweep:  # before importing jax: a refused runner or trial says so at once
+        return run_sweep(args, overrides)
+    from flaxformer_lite import config, resolve, sharding
+    cfg = config.load(args.config, overrides) if args.config else _saved_config(args.workdir, overrides)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                    timeout_s=args.distributed_timeout)
+    exp = resolve.from_config(cfg)
+    if args.describe:
+        print(describe(exp))
+        return 0
+    if args.show_examples:
+        print(show_examples(exp, args.show_examples))
+        return 0
+    if not args.workdir:
+        raise UserError('--workdir=DIR is required to train (or use --describe / --show_examples=N)')
+    if args.eval_only:
+        from flaxformer_lite.cli import eval_only
+        eval_only.evaluate_run(exp, args.workdir, verbose=not args.quiet)
+        return 0
+    if args.generate:
+        return run_generate(args, exp)
+    from flaxformer_lite import train
+    from flaxformer_lite.runtime.hooks import shell_hooks
+    result = train.train_and_evaluate(exp, args.workdir, verbose=not args.quiet, hooks=shell_hooks())
+    return exits.of_result(result)

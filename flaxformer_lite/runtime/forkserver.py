@@ -1,20 +1,24 @@
-"""A fork server for sweep trials: one process imports jax, flax, orbax, grain and this
-package once, then forks a child per trial, so a trial does not spend seconds importing
-them (4 s under load on a 2-core CPU, measured; a quick sweep runs dozens of trials).
+"""A fork server: one process imports jax, flax, orbax, grain and this package once, then
+forks a child per request, so a child does not spend seconds importing them (4 s under
+load on a 2-core CPU, measured; a quick sweep runs dozens of trials). The local sweep
+runner starts each trial this way (sweep/trial.py's `main`), and the tests start their
+kill-and-resume runs the same way.
 
-The server is started by the local runner (`ForkServer.start`) and never initialises a
-JAX backend, so every child starts as a fresh process would: it sets its CPU affinity
-before XLA sizes its thread pool, and its trial runs `cli.main` exactly as
-`python -m flaxformer_lite` would, with its output appended to the trial's log.
+The server never initialises a JAX backend, so every child starts as a fresh process
+would: it sets its CPU affinity before XLA sizes its thread pool, then calls the
+function the request names (`"module:function"`, given the request's arguments) and
+exits with the status it returns, its output appended to the request's log.
 
-Signals and death, as with plain subprocesses: the runner signals a child by its pid;
-the server ignores SIGINT and SIGTERM, exits when the runner closes its stdin and dies
-with the runner (PR_SET_PDEATHSIG); each child gets SIGTERM when the server dies, so a
-killed runner's trials still save a checkpoint and stop.
+Signals and death, as with plain subprocesses: the starter signals a child by its pid;
+the server ignores SIGINT and SIGTERM, exits when its starter closes its stdin and dies
+with it (PR_SET_PDEATHSIG); each child gets SIGTERM when the server dies, so a killed
+runner's trials still save a checkpoint and stop.
 
 Protocol (JSON lines): the server prints `"ready"`; a request
-`{"argv": [...], "log": PATH, "cpus": [...]}` is answered `{"started": PID}`; a child's
-end is reported `{"exited": PID, "code": C}` (C as `subprocess` gives it: -N for a signal).
+`{"call": "module:function", "argv": [...], "log": PATH, "cpus": [...]}` is answered
+`{"started": PID}`; a child's end is reported `{"exited": PID, "code": C}` (C as
+`subprocess` gives it: -N for a signal). The server is started with the modules to
+import before it says ready (`python -m flaxformer_lite.runtime.forkserver MODULE ...`).
 """
 
 from __future__ import annotations
@@ -58,11 +62,12 @@ def _run_child(request: dict, server: int) -> int:
     os.close(log)
     os.close(null)
     argv = [str(a) for a in request['argv']]
-    sys.argv = ['flaxformer_lite', *argv]
+    module, _, function = request['call'].partition(':')
+    sys.argv = [module, *argv]
     code = 1
     try:
-        from flaxformer_lite.cli import main
-        code = main(argv)
+        import importlib
+        code = getattr(importlib.import_module(module), function)(argv)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             code = e.code or 0
@@ -83,20 +88,15 @@ def _run_child(request: dict, server: int) -> int:
     return int(code or 0)
 
 
-def serve() -> None:
-    """The server's main loop (`python -m flaxformer_lite.runtime.forkserver`)."""
+def serve(preload: list[str]) -> None:
+    """The server's main loop (`python -m flaxformer_lite.runtime.forkserver MODULE ...`),
+    after importing the modules every child needs."""
+    import importlib
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)()
-    # What every trial imports (the rest of its imports are small).
-    import flax.linen  # noqa: F401
-    import grain  # noqa: F401
-    import optax  # noqa: F401
-    import orbax.checkpoint  # noqa: F401
-    import tensorboard.summary.writer.event_file_writer  # noqa: F401
-
-    from flaxformer_lite import cli, resolve  # noqa: F401
-    from flaxformer_lite.train import loop  # noqa: F401
+    for module in preload:
+        importlib.import_module(module)
     if _backends_started():
         _send('unsafe: a JAX backend started during the imports')
         return
@@ -162,11 +162,15 @@ class ForkServer:
         self.alive = True
 
     @classmethod
-    def start(cls, env: dict[str, str]) -> 'ForkServer | None':
+    def start(cls, env: dict[str, str], *, preload: tuple[str, ...] = (), cwd: str | None = None
+              ) -> 'ForkServer | None':
+        """A server whose children see `env` and start in `cwd`, with the modules in
+        `preload` imported once; None where no server can run (start children another way)."""
         if os.environ.get(ENV_SWITCH, '1') == '0' or not hasattr(os, 'fork') or sys.platform != 'linux':
             return None
-        proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lite.runtime.forkserver'], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
+        proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lite.runtime.forkserver', *preload],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=cwd,
+                                preexec_fn=die_with_parent(signal.SIGKILL))
         server = cls(proc)
         if server._line() != 'ready':
             server.close()
@@ -194,12 +198,14 @@ class ForkServer:
         if isinstance(message, dict) and 'exited' in message:
             self.codes[message['exited']] = message['code']
 
-    def spawn(self, argv: list[str], log: str, cpus: set[int]) -> Forked | None:
-        """A child running `argv`; None if the server is gone (start it another way)."""
+    def spawn(self, call: str, argv: list[str], log: str, cpus: set[int]) -> Forked | None:
+        """A child running `call(argv)` (`call` is "module:function"); None if the server
+        is gone (start it another way)."""
         if not self.alive:
             return None
+        request = {'call': call, 'argv': [str(a) for a in argv], 'log': str(log), 'cpus': sorted(cpus)}
         try:
-            self.proc.stdin.write((json.dumps({'argv': argv, 'log': log, 'cpus': sorted(cpus)}) + '\n').encode())
+            self.proc.stdin.write((json.dumps(request) + '\n').encode())
             self.proc.stdin.flush()
         except OSError:
             self.alive = False
@@ -243,4 +249,4 @@ def _running(pid: int) -> bool:
 
 
 if __name__ == '__main__':
-    serve()
+    serve(sys.argv[1:])

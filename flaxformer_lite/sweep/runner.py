@@ -33,8 +33,10 @@ import traceback
 from typing import Any
 
 from flaxformer_lite.errors import UserError
+from flaxformer_lite.runtime import exits
 from flaxformer_lite.runtime.forkserver import ForkServer, Forked
 from flaxformer_lite.sweep.plan import CACHE_DIR, LOG_DIR, Sweep, TrialSpec
+from flaxformer_lite.util import format_duration
 
 # The metric shown for each trial in progress lines and the final table (first present).
 SHOWN_METRICS = ('test/accuracy', 'test/exact_match', 'test/mse', 'test/loss')
@@ -128,35 +130,43 @@ def run_trial(sweep: Sweep, index: int, *, verbose: bool = True) -> int:
             exp = resolve.from_config(sweep.trial_config(trial))
             info = loop.RunInfo(name=trial.name, first=tuple(sweep.swept_fields), metrics=sweep_metrics(sweep),
                                 extra={'sweep': sweep.name})
-            result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info)
+            from flaxformer_lite.runtime.hooks import shell_hooks
+            result = loop.train_and_evaluate(exp, sweep.trial_workdir(trial), verbose=verbose, info=info,
+                                             hooks=shell_hooks())
         except UserError as e:
             undo = True
             write_status(sweep, trial, status='failed', exit_code=2, error=str(e), wall_s=time.time() - started)
             raise
         except BaseException as e:  # a bug or a kill: recorded, then re-raised (with its traceback if a bug)
-            status = getattr(type(e), 'exit_status', 1)
-            line = str(e) if status != 1 else traceback.format_exception_only(type(e), e)[-1].strip()
+            status = exits.status_of(e) or exits.BUG
+            line = str(e) if status != exits.BUG else traceback.format_exception_only(type(e), e)[-1].strip()
             write_status(sweep, trial, status='failed', exit_code=status, error=line, wall_s=time.time() - started)
             raise
-        if result.get('status') == loop.INTERRUPTED:
-            write_status(sweep, trial, status='interrupted', wall_s=time.time() - started)
-            return 128 + int(result['signal'])
-        write_status(sweep, trial, status='done', wall_s=time.time() - started)
-        return 0
+        code = exits.of_result(result)
+        write_status(sweep, trial, status='interrupted' if code else 'done', wall_s=time.time() - started)
+        return code
     finally:
         held.release(undo=undo)
 
 
+# The one entry point of a trial (sweep/trial.py), as a module and as the fork server's call.
+TRIAL_MODULE = 'flaxformer_lite.sweep.trial'
+TRIAL_CALL = f'{TRIAL_MODULE}:main'
+# What the fork server imports once for every trial (the rest of a trial's imports are small).
+PRELOAD = ('flax.linen', 'grain', 'optax', 'orbax.checkpoint', 'tensorboard.summary.writer.event_file_writer',
+           TRIAL_MODULE, 'flaxformer_lite.resolve', 'flaxformer_lite.train.loop')
+
+
 def trial_argv(sweep: Sweep, trial_index: int | str) -> list[str]:
-    """The arguments of `launch.py` that run one trial."""
+    """The arguments of the trial entry point that run one trial: the sweep's workdir and
+    the trial's index (its config is what the sweep recorded there)."""
     stage = [f'--stage={sweep.stage}'] if sweep.stage != 'main' else []
-    return [f'--config={sweep.config}', '--sweep', *stage, f'--trial={trial_index}',
-            f'--workdir={os.path.abspath(sweep.root)}', *(f'--config.{k}={v}' for k, v in sweep.overrides.items())]
+    return [f'--workdir={os.path.abspath(sweep.root)}', f'--trial={trial_index}', *stage]
 
 
 def trial_command(sweep: Sweep, trial_index: int | str) -> list[str]:
     """The command that runs one trial (the same for the local runner and SLURM)."""
-    return [sys.executable, '-m', 'flaxformer_lite', *trial_argv(sweep, trial_index)]
+    return [sys.executable, '-m', TRIAL_MODULE, *trial_argv(sweep, trial_index)]
 
 
 def child_env() -> dict[str, str]:
@@ -181,13 +191,6 @@ def _shown(record: dict[str, Any]) -> str:
     metrics = record.get('metrics') or {}
     name = next((m for m in SHOWN_METRICS if m in metrics), None)
     return f'{name} {metrics[name]:.4g}' if name else record.get('error', '')[:100]
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    if seconds >= 3600:
-        return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-    return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 # Fields that enter the compiled programs as data, not constants: the seed, and the train
@@ -239,7 +242,7 @@ def run_local(sweep: Sweep, parallel: int) -> int:
 
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     waiting: set[int] = set()
-    server = ForkServer.start(child_env()) if todo else None
+    server = ForkServer.start(child_env(), preload=PRELOAD) if todo else None
     try:
         queue = list(todo)
         # After a stop the queue is left as it is: once the running trials have saved and
@@ -264,7 +267,8 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                     continue
                 slot = free.pop(0)
                 os.makedirs(os.path.join(sweep.workdir, LOG_DIR), exist_ok=True)
-                proc = server and server.spawn(trial_argv(sweep, trial.index), log_path(sweep, trial), groups[slot])
+                proc = server and server.spawn(TRIAL_CALL, trial_argv(sweep, trial.index), log_path(sweep, trial),
+                                               groups[slot])
                 if proc is None:  # no fork server: a plain subprocess, its output appended to the log
                     with open(log_path(sweep, trial), 'a') as log:  # the child keeps its own copy of the file
                         proc = subprocess.Popen(trial_command(sweep, trial.index), stdout=log, stderr=subprocess.STDOUT,
@@ -295,8 +299,8 @@ def run_local(sweep: Sweep, parallel: int) -> int:
                 eta = sum(durations) / len(durations) * left / parallel if left else 0.0
                 verdict = 'done' if code == 0 else record.get('status', 'failed')
                 print(f'[{finished}/{total} done, {len(running)} running, {len(failed)} failed, {len(queue)} left, '
-                      f'ETA {_duration(eta)}] trial {trial.index} ({trial.name}) {verdict} in '
-                      f'{_duration(time.time() - start)}: {_shown(record)}', file=sys.stderr, flush=True)
+                      f'ETA {format_duration(eta)}] trial {trial.index} ({trial.name}) {verdict} in '
+                      f'{format_duration(time.time() - start)}: {_shown(record)}', file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.close()
@@ -324,5 +328,5 @@ def summary_table(sweep: Sweep) -> str:
         record = read_status(sweep, trial)
         wall = record.get('wall_s')
         rows.append(f'{trial.index:>3}  {record.get("status", "pending"):<11}  {_shown(record)[:24]:<24}  '
-                    f'{_duration(wall) if wall else "-":>7}  {trial.name}')
+                    f'{format_duration(wall) if wall else "-":>7}  {trial.name}')
     return '\n'.join(rows)

@@ -1,19 +1,17 @@
-"""What may refuse or stop a training run, decided alike on every process: the workdir's
-lock (process 0 holds it for all), the resume decision, a stop signal, a NaN/Inf step.
+"""What the run itself decides alike on every process: whether to resume (process 0's
+answer for all) and whether a NaN/Inf step stops it.
 
-Kept apart from loop.py so that the loop reads as the loop. On several processes most of
-these are collectives, so every process must call them at the same point of the run.
+Kept apart from loop.py so that the loop reads as the loop. On several processes `agreed`
+is a collective, so every process must call it at the same point of the run. (The
+workdir's lock and stop signals are the shell's: they reach the loop as hooks,
+train/hooks.py.)
 """
 
 from __future__ import annotations
 
-import signal
-import time
 import jax
 import numpy as np
 
-from flaxformer_lite.runtime import lock as lock_lib
-from flaxformer_lite.errors import UserError
 from flaxformer_lite.train import checkpoint, step as step_lib
 
 
@@ -21,71 +19,6 @@ class NonFiniteError(Exception):
     """A NaN or Inf loss or gradient (train.skip_nonfinite=False). Exit status 3; the last
     checkpoint (written before the bad step) is intact: no bad state is ever saved."""
     exit_status = 3
-
-
-class StopFlag:
-    """SIGINT / SIGTERM ask the loop to save and stop at the next step boundary."""
-
-    def __init__(self):
-        self.signal = None
-        self._at = 0.0
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        # A second signal stops now; the same one again within a second is one request
-        # delivered twice (a scheduler signals every process of a job, a supervisor too).
-        if self.signal is not None and not (signum == self.signal and time.time() - self._at < 1.0):
-            raise KeyboardInterrupt
-        if self.signal is None:
-            self.signal, self._at = signum, time.time()
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def requested(self, step: int, every: int) -> bool:
-        """Whether to stop after `step`. One process checks every step; several agree on
-        it every `every` steps (a collective), since all of them must save together."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
-
-
-class _NoLock:
-    """What processes other than 0 hold: process 0 holds the workdir's lock for all."""
-    lost = None
-
-    def release(self, *, undo: bool = False) -> None:
-        del undo
-
-
-def take_lock(workdir: str):
-    """Process 0 takes the workdir's lock; every process learns whether it could."""
-    if jax.process_count() == 1:
-        return lock_lib.acquire(workdir)
-    from jax.experimental import multihost_utils
-    held, error = _NoLock(), None
-    if jax.process_index() == 0:
-        try:
-            held = lock_lib.acquire(workdir)
-        except UserError as e:
-            error = e
-    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
-        raise error or UserError(f'--workdir={workdir} is in use by another run (process 0 could not take its '
-                                 f'lock; see its output); wait for it to finish or choose another --workdir')
-    return held
 
 
 def agreed(resume: bool) -> bool:

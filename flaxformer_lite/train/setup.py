@@ -7,7 +7,7 @@ work fails before compiling.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 from flaxformer_lite import config as config_lib
 from flaxformer_lite import sharding
 from flaxformer_lite.resolve import Run
-from flaxformer_lite.train import optimizer, transfer
+from flaxformer_lite.train import optimizer, step as step_lib, transfer
 from flaxformer_lite.train.state import TrainState
 
 
@@ -92,3 +92,14 @@ def build(exp: Run) -> Setup:
                  state_shardings=state_sh,
                  abstract_state=abstract, init_fn=init_fn, rng=rng, batch_sharding=sharding.batch_sharding(mesh),
                  notes=notes)
+
+
+def jit_train_step(setup: Setup, cfg: Any, kind: str) -> Callable[..., tuple]:
+    """`make_train_step`'s step for `cfg` (its `train` fields), jitted with the state's
+    and the batch's shardings (step inputs and health replicated) and the state's buffers
+    donated, so each step updates the state in place."""
+    replicated = sharding.replicated(setup.mesh)
+    step = step_lib.make_train_step(setup.model, setup.tx, setup.lr, kind, label_smoothing=cfg.train.label_smoothing,
+                           seed=cfg.train.seed, skip_nonfinite=cfg.train.skip_nonfinite)
+    return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding, replicated, replicated),
+                   out_shardings=(setup.state_shardings, replicated, replicated), donate_argnums=(0,))

@@ -1,7 +1,8 @@
 """Pure step functions: `train_step(state, batch, hparams) -> (state, metrics)` and evaluation.
 
-They are jitted once by the loop with shardings and buffer donation; nothing here
-touches the host, so the loop never waits for the device between steps. Numeric faults
+`setup.jit_train_step` jits the train step once, with shardings and buffer donation, for
+the loop and the benchmark alike (one definition, so what is timed is what trains); nothing
+here touches the host, so the loop never waits for the device between steps. Numeric faults
 are found on device too: the step carries a small `health` record the loop reads only
 where it syncs anyway (log steps, before a checkpoint).
 """
