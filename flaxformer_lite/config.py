@@ -1,34 +1,43 @@
-"""Configs: defaults, the size table, the `key=value,flag` arg string, overrides, checks.
+"""Configs: defaults, the size table, config files and their overrides, checks.
 
 Every run is described by one locked `ml_collections.ConfigDict`. Config files in
-`configs/` call `make_config(arg, task=...)`, which sets fields with `set_field`; `load`
-reads a config file and its `--config.a.b=value` overrides through ml_collections'
-`config_flags`. Anything that cannot work raises `ConfigError` with one line naming the
-field and the fix, before a workdir is touched.
+`configs/` call `make_config(arg, task=...)`; `load` imports a config file, calls its
+`get_config(ARG)` and applies each `--config.a.b=value` override with `set_field`, the
+same reader as the ARG string's fields (`config_args.py`). Anything that cannot work
+raises `ConfigError` with one line naming the field and the fix, before a workdir is
+touched.
+
+Where fields are declared: `task.*` by each task (`tasks.default_config`); `model.*` in
+`models/knobs.py`, the fields every family reads (its SHARED) and each family's own
+knobs (a block per family). A new family's fields go there, in a block listed under its
+registry name in BY_FAMILY; `base_config` puts every block into the one flat `model`
+namespace. The size table (SIZES) and the other groups (train, optim, eval, checkpoint,
+mesh, data) are here.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import json
 import os
-import re
 from typing import Any, Mapping
 
 import ml_collections
-from absl import flags as absl_flags
-from ml_collections import config_flags
 from ml_collections.config_dict import placeholder
 
 from flaxformer_lite import tasks
+from flaxformer_lite.config_args import experiment_options, flatten, parse_arg, set_field
 from flaxformer_lite.errors import ConfigError, UserError
+from flaxformer_lite.models import knobs
+
+__all__ = ['SIZES', 'RESUMABLE_FIELDS', 'base_config', 'make_config', 'experiment_options', 'parse_arg', 'flatten',
+           'set_field', 'load', 'call', 'check', 'check_parametrization', 'resume_conflicts', 'to_json', 'from_saved']
 
 # One table of model sizes (big_vision style). A field of `model` left unset (None)
 # takes the value of the row named by `model.size`. Recurrent models use the row's
 # depth and pick the width whose non-embedding parameter count matches the row's
-# Transformer (see `models.recurrent`), so `size=` means "the same N" in every family.
+# Transformer (`models/recurrent_family.py`), so `size=` means "the same N" in every family.
 # Encoder-decoder models use `num_layers` for each stack unless the row says otherwise.
 SIZES: dict[str, dict[str, Any]] = {
     #          layers, width, heads, mlp  -> non-embedding parameters of a decoder-only stack
@@ -59,47 +68,9 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
     """All fields with their defaults; `task` holds the named task's own knobs."""
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict(dict(
-        name='transformer',  # registry name: transformer | rnn | lstm | gru
-        size='tiny',  # a row of SIZES; unset (None) fields below take its values
-        arch='auto',  # auto picks the shape the task needs; or decoder_only | encoder_decoder | encoder_classifier
-        num_layers=placeholder(int),
-        encoder_layers=placeholder(int),  # encoder-decoder only; default num_layers
-        d_model=placeholder(int),
-        num_heads=placeholder(int),
-        num_kv_heads=placeholder(int),  # < num_heads: grouped-query attention; 1: multi-query
-        d_ff=placeholder(int),
-        hidden=placeholder(int),  # recurrent width; unset: parameter-matched to `size`
-        width_multiple=8,  # a matched recurrent width is a multiple of this (shardable); 1: any width
-        dropout=placeholder(float),  # residual, embedding and between-layer dropout (default 0)
-        attention_dropout=0.0,
-        pos_encoding=placeholder(str),  # sinusoidal | learned | rotary | none (default sinusoidal)
-        max_len=placeholder(int),  # position table size; unset: the longest sequence the run sees
-        attention_impl='einsum',  # einsum (reference) | xla (jax.nn.dot_product_attention) | blockwise
-        attention_block_size=128,  # key/query block for attention_impl=blockwise
-        ffn=placeholder(str),  # relu | gelu | swiglu (default relu)
-        norm='layernorm',  # layernorm | rmsnorm
-        norm_position=placeholder(str),  # pre | post (the paper's); default pre
-        share_embeddings=True,  # one table for input(s) and output projection
-        scale_embeddings=True,  # multiply embeddings by sqrt(d_model), as in the paper
-        scan_layers=placeholder(bool),  # nn.scan over layers (flat compile time in depth); unset: by depth and backend
-        remat='none',  # none | full | dots (what nn.remat saves in each layer)
-        dtype='float32',  # compute dtype: float32 | bfloat16 (parameters stay float32)
-        pooling='mean',  # classifiers: mean | first | last
-        bidirectional=False,  # recurrent encoders
-        residual=False,  # recurrent: residual connections between stacked layers
-        rnn_attention='none',  # recurrent seq2seq: none | bahdanau | luong
-        unroll=1,  # recurrent scan unroll
-        # linear_attention | mamba | mingru (model.hidden is their width, matched like rnn/lstm/gru's):
-        mlp_expand=placeholder(int),  # channel mixer (model.ffn) width / hidden; 0: none (default 4; mamba 0)
-        la_feature_map='elu',  # linear_attention: elu (elu + 1, normalised) | identity (RetNet's, GLA's)
-        la_decay='none',  # linear_attention: none | retnet (fixed per-head decay) | gated (GLA's data-dependent)
-        chunk_size=16,  # linear_attention: tokens per chunk of the chunked parallel (training) form
-        ssm_state=16,  # mamba: state size N per channel
-        ssm_conv=4,  # mamba: width of the causal depthwise convolution
-        ssm_expand=2,  # mamba: inner channels / hidden
-        mingru_expand=1,  # mingru: recurrent width / hidden (> 1 adds an output projection)
-    ))
+    # models/knobs.py: a type there is a field left unset (None) of that type.
+    c.model = ml_collections.ConfigDict({k: placeholder(v) if isinstance(v, type) else v
+                                         for k, v in knobs.declared().items()})
 
     c.task = tasks.default_config(task_name)
 
@@ -165,67 +136,6 @@ def base_config(task_name: str) -> ml_collections.ConfigDict:
     return c
 
 
-def experiment_options(arg: str | None, **options: tuple[Any, Any]) -> tuple[str, bool, dict[str, Any]]:
-    """An experiment file's ARG: `quick` (default) or `full`, `tune`, and named options
-    (`name=(default, allowed values or None for any)`) -> (mode, tune, values). An unknown
-    option or a value not allowed raises ValueError naming it and the choices.
-
-    Every experiment also takes `first_seed=N` (its seeds start at N instead of 0: a rerun
-    with other seeds) and `seeds=K` (K seeds instead of its form's number): values
-    'first_seed' (an int) and 'seeds' (an int, or None for the form's number)."""
-    options = {'first_seed': (0, None), 'seeds': (None, None), **options}
-    args = parse_arg(arg)
-    mode = 'full' if args.pop('full', False) else 'quick'
-    args.pop('quick', None)
-    tune = bool(args.pop('tune', False))
-    values = {}
-    for name, (default, allowed) in options.items():
-        value = args.pop(name, default)
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"{name}={value}: choose one of {', '.join(map(str, allowed))}")
-        values[name] = value
-    if args:
-        known = ', '.join(['quick|full', 'tune', *(f'{n}=' for n in options)])
-        raise ValueError(f"unknown argument(s) {', '.join(args)}; use {known}")
-    values['first_seed'] = _whole(values['first_seed'], 'first_seed', 0, 'a whole number, the first seed')
-    if values['seeds'] is not None:
-        values['seeds'] = _whole(values['seeds'], 'seeds', 1, 'a positive whole number of seeds')
-    return mode, tune, values
-
-
-def _whole(value: Any, name: str, least: int, what: str) -> int:
-    if isinstance(value, bool) or not str(value).isdigit() or int(value) < least:
-        raise ValueError(f'{name}={value}: give {what}')
-    return int(value)
-
-
-def parse_arg(arg: str | None) -> dict[str, Any]:
-    """'model=lstm,size=small,quick' -> {'model': 'lstm', 'size': 'small', 'quick': True}.
-
-    Commas inside brackets stay with their value: 'eval.dependency_lengths=(16,32)'.
-    """
-    out: dict[str, Any] = {}
-    if not arg:
-        return out
-    parts, depth, cur = [], 0, ''
-    for ch in arg:
-        depth += ch in '([{'
-        depth -= ch in ')]}'
-        if ch == ',' and depth == 0:
-            parts.append(cur)
-            cur = ''
-        else:
-            cur += ch
-    parts.append(cur)
-    for part in parts:
-        part = part.strip()
-        if not part:
-            continue
-        key, eq, value = part.partition('=')
-        out[key.strip()] = value.strip() if eq else True
-    return out
-
-
 def make_config(arg: str | None, *, task: str, defaults: Mapping[str, Any] | None = None,
                 quick: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """The config of one experiment: base defaults, then `defaults`, then the arg string.
@@ -257,84 +167,6 @@ def make_config(arg: str | None, *, task: str, defaults: Mapping[str, Any] | Non
         set_field(cfg, key, value)
     cfg.lock()
     return cfg
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f'{prefix}{key}'
-        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-            out.update(flatten(value, name + '.'))
-        else:
-            out[name] = value
-    return out
-
-
-def _coerce(dotted: str, raw: Any, kind: type | None) -> Any:
-    """Turn a command-line string into the field's type, or say what was expected."""
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip()
-    if text.lower() in ('none', 'null'):
-        return None
-    try:
-        if kind is bool:
-            if text.lower() in ('true', '1', 'yes', 'on'):
-                return True
-            if text.lower() in ('false', '0', 'no', 'off'):
-                return False
-            raise ValueError
-        if kind is int:
-            value = float(text) if any(c in text for c in '.eE') else int(text)
-            if float(value) != int(value):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            return float(text)
-        if kind is str:
-            return text
-        if kind in (tuple, list):
-            if text[:1] not in '([{' and not text[:1].isdigit() and text[:1] not in '\'"-':
-                return kind((text,))  # a bare word or glob: a 1-tuple, as config_flags reads it
-            value = ast.literal_eval(text)
-            if not isinstance(value, (tuple, list)):
-                value = (value,)
-            return kind(value)
-    except (ValueError, SyntaxError):
-        names = {bool: 'true or false', int: 'an integer', float: 'a number',
-                 tuple: 'a tuple such as (16,32)', list: 'a list such as [16,32]'}
-        raise ConfigError(f'config field {dotted}={raw!r}: expected {names.get(kind, kind)}') from None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def set_field(cfg: ml_collections.ConfigDict, dotted: str, raw: Any, *, parse: bool = True) -> None:
-    """Set one field from a string or a value; unknown names get a did-you-mean.
-    `parse=False` stores strings as they are (values read back from JSON: 'none' is a
-    string there, not None)."""
-    node = cfg
-    parts = dotted.split('.')
-    for i, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            valid = sorted(flatten(cfg.to_dict()))
-            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else "see --describe for every field"
-            raise ConfigError(f"unknown config field '{dotted}'; {hint}")
-        if i < len(parts) - 1:
-            node = node[part]
-    leaf = parts[-1]
-    if isinstance(node[leaf], ml_collections.ConfigDict):
-        example = next(iter(node[leaf].keys()), 'x')
-        raise ConfigError(f"config field '{dotted}' is a group; set one of its fields, e.g. "
-                          f"{dotted}.{example}=...")
-    value = _coerce(dotted, raw, node.get_type(leaf)) if parse else raw
-    try:
-        node[leaf] = value
-    except TypeError as e:
-        raise ConfigError(f'config field {dotted}={raw!r}: {e}') from None
 
 
 def _config_error(path: str, error: BaseException, what: str) -> ConfigError:
@@ -380,41 +212,23 @@ def call(module, name: str, arg: str | None, path: str):
 
 
 def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigDict:
-    """`FILE.py[:ARG]` -> `get_config(ARG)` from FILE, then `--config.a.b=v` overrides.
-
-    ml_collections' `config_flags` does the loading and parses the overrides (with the
-    type of each field), on a private `FlagValues` so that other absl flags never mix in.
-    When it refuses, the same file and overrides go through `set_field`, whose errors
-    name the field and the closest valid one; config_flags' own message is the fallback.
-    """
+    """`FILE.py[:ARG]` -> `get_config(ARG)` from FILE, then each `--config.a.b=v` override
+    through `set_field` (the reader of the ARG string's fields too: a flag means what the
+    same field means in the ARG string). Returns the config locked."""
     path, _, arg = spec.partition(':')
     if not path.endswith('.py'):
         raise ConfigError(f"--config={spec}: expected a Python file, e.g. --config=configs/recall.py:model=lstm")
     if not os.path.isfile(path):
         raise ConfigError(f"--config: config file '{path}' does not exist; see configs/ for the "
                           f"available ones")
-    _module(path)  # a file without get_config is named as such, before config_flags calls it
-    overrides = dict(overrides)
-    argv = ['launch.py', f'--config={spec}', *(f'--config.{k}={v}' for k, v in overrides.items())]
-    flag_values = absl_flags.FlagValues()
-    holder = config_flags.DEFINE_config_file('config', None, 'the experiment', flag_values=flag_values,
-                                             lock_config=True, sys_argv=argv)  # overrides come from argv
-    try:
-        flag_values(argv)
-        return holder.value
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- absl / ml_collections raise many kinds; each becomes one line
-        cfg = call(_module(path), 'get_config', arg or None, path)
-        for dotted, raw in overrides.items():
-            set_field(cfg, dotted, raw)  # raises the precise error where it can
-        if any(str(raw).strip().lower() in ('none', 'null') for raw in overrides.values()):
-            return cfg  # config_flags cannot unset a typed field (--config.train.steps=None); set_field can
-        line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
-        field = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', line)
-        if field:  # "flag --config.a.b=v: why" -> the house form
-            raise ConfigError(f'config field {field[1]}={field[2]!r}: {field[3]}') from None
-        raise ConfigError(f'--config: {line}') from None
+    cfg = call(_module(path), 'get_config', arg or None, path)
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f'--config: {path}: get_config({arg or None!r}) returned {type(cfg).__name__}, not a '
+                          f'ConfigDict; return make_config(arg, task=...)')
+    for dotted, raw in dict(overrides).items():
+        set_field(cfg, dotted, raw)
+    cfg.lock()
+    return cfg
 
 
 def check(cfg: ml_collections.ConfigDict) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ml_collections import ConfigDict
+
 
 def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
     """{'model': {'name': 'lstm'}} -> {'model.name': 'lstm'} (mappings and ConfigDicts)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f'{prefix}{key}'
-        if isinstance(value, Mapping) or type(value).__name__ in ('ConfigDict', 'FrozenConfigDict'):
+        if isinstance(value, (Mapping, ConfigDict)):
             out.update(flatten(value, name + '.'))
         else:
             out[name] = value

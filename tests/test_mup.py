@@ -127,7 +127,7 @@ def test_a_parameter_of_unknown_role_is_refused():
 SHAPE_VARIANTS = ONE_OF_EACH + [
     ('transformer', {'model__ffn': 'swiglu', 'model__pos_encoding': 'learned', 'model__scan_layers': True}),
     ('gru', {'model__hidden': 32}), ('rnn', {'model__hidden': 32}),
-    ('linear_attention', {'model__hidden': 32, 'model__la_feature_map': 'identity', 'model__la_decay': 'retnet'}),
+    ('linear_attention', {'model__hidden': 32, 'model__la_feature_map': 'identity', 'model__la_decay': 'fixed'}),
 ]
 SHAPE_TASKS = {'transformer': ['recall', 'seq2seq', 'listops'], 'gru': ['seq2seq'], 'rnn': ['listops']}
 # The one documented exception: GLA's rank-16 gate_down maps the width to a fixed 16 (an

@@ -9,12 +9,13 @@ task's `TaskSpec`; modules receive frozen dataclasses built from it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
-
-import flax.linen as nn
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.spec import TaskSpec
+
+if TYPE_CHECKING:  # only for annotations: the registry record imports no jax (see models/__init__.py)
+    import flax.linen as nn
 
 ModelCfg = Mapping[str, Any]
 
@@ -35,10 +36,16 @@ def fail(field: str, message: str):
 
 
 def fill(model: Mapping[str, Any], defaults: Mapping[str, Any], size: Mapping[str, Any],
-         choices: Mapping[str, tuple], spec: TaskSpec) -> dict[str, Any]:
+         choices: Mapping[str, tuple], spec: TaskSpec, *,
+         renamed: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """The steps every family's `resolve` starts with: unset fields take the family's
     defaults and the size row's values, named choices are checked, and `arch=auto`
-    becomes the shape the task needs (any other shape must be that one)."""
+    becomes the shape the task needs (any other shape must be that one). `renamed`
+    ({field: {old value: new value}}) names the value that replaced an old one."""
+    for key, names in (renamed or {}).items():
+        old = model.get(key)
+        if isinstance(old, str) and old in names:
+            fail(key, f"'{old}' is now called '{names[old]}'; use model.{key}={names[old]}")
     m = dict(model)
     for key, value in {**defaults, **size}.items():
         if m.get(key) is None:

@@ -3,10 +3,17 @@ config resolution with parameter matching, building, analytic counts, FLOPs, dec
 and the state size. A family is a `Mixer` (its module and its per-layer numbers)
 turned into a `ModelFamily` by `make_family`.
 
-Width matching follows the recurrent baselines (`recurrent_family`): when
-`model.hidden` is unset, the multiple of `model.width_multiple` (and of the mixer's
-quantum, e.g. the head count) whose non-embedding count is closest to the Transformer
-of the same `model.size`, within MATCH_TOLERANCE; depth is the row's `num_layers`.
+Width matching: when `model.hidden` is unset, the multiple of lcm(model.width_multiple,
+the mixer's quantum, e.g. the head count) whose non-embedding count is closest to the
+Transformer of the same `model.size` (`recurrent_family.matched_transformer_params`);
+depth is the row's `num_layers`. Where that closest multiple lands outside
+MATCH_TOLERANCE, a mixer with `divisor_fallback` (mamba, minGRU) keeps the parameter
+match instead: the largest divisor of width_multiple whose multiple lands within the
+tolerance, as rnn, lstm and gru do (mamba's micro: 36; minGRU's micro, tiny, mini: 35,
+70, 140, where the nearest multiples of 8 are 0.83x, 1.05x and 1.05x the Transformer's
+count). Such a width shards over fewer devices; `model.hidden` set explicitly (e.g. 72)
+or `model.width_multiple` chooses the other trade-off. One without it keeps the
+multiple whatever the ratio; `--describe` prints the ratio.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import functools
 import math
 from typing import Any, Callable, Mapping
 
-from flaxformer_lite.models import family, recurrent_family
+from flaxformer_lite.models import family, knobs, recurrent_family
 from flaxformer_lite.models.family import ModelFamily, StepFns
 from flaxformer_lite.models.fixed_state import FixedStateClassifier, FixedStateConfig, FixedStateLM
 from flaxformer_lite.spec import TaskSpec
@@ -36,11 +43,15 @@ class Mixer:
     param_count: Callable[[FixedStateConfig], int]  # parameters of one mixer
     forward_macs: Callable[[FixedStateConfig], int]  # multiply-accumulates per token of one mixer
     state_floats: Callable[[FixedStateConfig], int]  # recurrent state of one mixer, per sequence
-    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # beyond its knobs' (models/knobs.py)
     choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     positive: tuple[str, ...] = ()  # integer fields that must be >= 1
     quantum: Callable[[Mapping[str, Any]], int] = lambda m: 1  # the width must be a multiple of this
     check: Callable[[dict[str, Any], TaskSpec], None] = lambda m, spec: None  # the family's own checks
+    renamed: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)  # see family.fill
+    # A matched width outside MATCH_TOLERANCE: True falls back to a divisor of width_multiple
+    # (the widths mamba's runs have used), False keeps the multiple (see the module docstring).
+    divisor_fallback: bool = False
 
 
 def _positive_int(m: Mapping[str, Any], key: str, minimum: int = 1) -> None:
@@ -52,7 +63,8 @@ def _positive_int(m: Mapping[str, Any], key: str, minimum: int = 1) -> None:
 def resolve(mixer: Mixer, model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
     """Fill unset fields, check them, pick the shape from the task and, when
     `model.hidden` is unset, the matched width. Raises ConfigError naming the field."""
-    m = family.fill(model, {**COMMON_DEFAULTS, **mixer.defaults}, size, {**COMMON_CHOICES, **mixer.choices}, spec)
+    defaults = {**COMMON_DEFAULTS, **knobs.defaults(mixer.name), **mixer.defaults}
+    m = family.fill(model, defaults, size, {**COMMON_CHOICES, **mixer.choices}, spec, renamed=mixer.renamed)
     if m['arch'] == 'encoder_decoder':
         family.fail('arch', f"model.name={mixer.name} has no encoder_decoder shape: a causal state-passing stack "
                     f"would carry the source through its padding into the target; for '{spec.kind}' tasks use "
@@ -76,7 +88,7 @@ def resolve(mixer: Mixer, model: dict[str, Any], size: Mapping[str, Any], spec: 
     mixer.check(m, spec)
     quantum = mixer.quantum(m)
     if m['hidden'] is None:
-        m['hidden'] = _matched_width(mixer, m, model, size, spec, quantum)
+        m['hidden'] = _matched_width(mixer, m, model, size, spec)
     else:
         _positive_int(m, 'hidden')
         if m['hidden'] % quantum:
@@ -86,16 +98,17 @@ def resolve(mixer: Mixer, model: dict[str, Any], size: Mapping[str, Any], spec: 
 
 
 def _matched_width(mixer: Mixer, m: dict[str, Any], model: Mapping[str, Any], size: Mapping[str, Any],
-                   spec: TaskSpec, quantum: int) -> int:
-    """The width whose non-embedding count lands closest to the matched Transformer's:
-    a multiple of lcm(model.width_multiple, quantum), or, where none lands within the
-    tolerance, of lcm(d, quantum) for the largest divisor d of width_multiple that does."""
+                   spec: TaskSpec) -> int:
+    """The multiple of lcm(model.width_multiple, quantum) whose non-embedding count lands
+    closest to the matched Transformer's (with `divisor_fallback`: see Mixer)."""
     target = recurrent_family.matched_transformer_params(model, size, spec)
 
     def count(h: int) -> int:
         return count_params(mixer, {**m, 'hidden': h}, spec)['non_embedding']
 
-    multiple = m['width_multiple']
+    multiple, quantum = m['width_multiple'], mixer.quantum(m)
+    if not mixer.divisor_fallback:
+        return recurrent_family.match_hidden(count, target, math.lcm(multiple, quantum))
     for d in (d for d in range(multiple, 0, -1) if multiple % d == 0):
         hidden = recurrent_family.match_hidden(count, target, math.lcm(d, quantum))
         if abs(count(hidden) - target) <= recurrent_family.MATCH_TOLERANCE * target:

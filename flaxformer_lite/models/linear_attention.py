@@ -6,7 +6,9 @@ Per head (d_k = d_v = hidden / num_heads), with a feature map phi and a decay:
   o_t = S_t^T phi(q_t) / d_k^0.5
 
   model.la_decay     none    a_t = 1 (Katharopoulos et al. 2020)
-                     retnet  a_t = gamma_h = 1 - 2^(-5 - h), fixed per head (RetNet, Sun et al. 2023)
+                     fixed   a_t = gamma_h = 1 - 2^(-5 - h): a fixed per-head exponential decay, as
+                             RetNet's (Sun et al. 2023) without its xPos rotation and in this
+                             module's layout: linear attention with RetNet's decay, not RetNet
                      gated   a_t = sigmoid(x_t W_down W_up + b)^(1/16), data-dependent per key
                              dimension, low rank 16 (gated linear attention, Yang et al. 2024)
   model.la_feature_map  elu       phi = elu + 1 (positive), normalised as in Katharopoulos et al.:
@@ -15,7 +17,7 @@ Per head (d_k = d_v = hidden / num_heads), with a feature map phi and a decay:
                                   [heads, d_k, d_v + 1]
                         identity  phi = id (RetNet's and GLA's): no normaliser (it could vanish), a
                                   per-head RMS norm of o_t instead (their GroupNorm)
-  retnet and gated also gate the output, o_t * silu(x_t W_g) (both papers), before W_o.
+  fixed and gated also gate the output, o_t * silu(x_t W_g) (both papers), before W_o.
 
 Training uses the chunked parallel form (`chunked_attention`, `model.chunk_size`
 tokens per chunk): attention-like products inside a chunk and the state passed
@@ -90,8 +92,9 @@ def recurrent_step(s_BHKV: jax.Array, q_BHK: jax.Array, k_BHK: jax.Array, v_BHV:
     return s_BHKV, jnp.einsum('bhk,bhkv->bhv', q_BHK, s_BHKV)
 
 
-def retnet_log_decay(num_heads: int) -> np.ndarray:
-    """log gamma_h, gamma_h = 1 - 2^(-5 - h): memories from ~32 to ~2^(4 + H) tokens."""
+def fixed_log_decay(num_heads: int) -> np.ndarray:
+    """log gamma_h, gamma_h = 1 - 2^(-5 - h) (RetNet's gammas): memories from ~32 to
+    ~2^(4 + H) tokens."""
     return np.log(1.0 - 2.0 ** (-5.0 - np.arange(num_heads))).astype(np.float32)
 
 
@@ -127,8 +130,8 @@ class LinearAttention(nn.Module):
         q = q * c.head_dim ** -0.5
         if c.la_decay == 'none':
             logd = jnp.zeros(q.shape[:-1] + (1,), jnp.float32)
-        elif c.la_decay == 'retnet':
-            logd = jnp.broadcast_to(jnp.asarray(retnet_log_decay(c.num_heads))[:, None], q.shape[:-1] + (1,))
+        elif c.la_decay == 'fixed':
+            logd = jnp.broadcast_to(jnp.asarray(fixed_log_decay(c.num_heads))[:, None], q.shape[:-1] + (1,))
         else:
             logd = jax.nn.log_sigmoid(self.gate_up(self.gate_down(x)).astype(jnp.float32)) / GATE_TEMPERATURE
         return q, k, v, logd
@@ -183,7 +186,8 @@ def state_floats(c: FixedStateConfig) -> int:
 
 
 MIXER = Mixer(name='linear_attention', module=LinearAttention, param_count=param_count, forward_macs=forward_macs,
-              state_floats=state_floats, defaults=dict(la_feature_map='elu', la_decay='none', chunk_size=16),
-              choices=dict(la_feature_map=('elu', 'identity'), la_decay=('none', 'retnet', 'gated')),
-              positive=('chunk_size', 'num_heads'), quantum=lambda m: m['num_heads'])
+              state_floats=state_floats,
+              choices=dict(la_feature_map=('elu', 'identity'), la_decay=('none', 'fixed', 'gated')),
+              positive=('chunk_size', 'num_heads'), quantum=lambda m: m['num_heads'],
+              renamed=dict(la_decay=dict(retnet='fixed')))
 LINEAR_ATTENTION = make_family(MIXER)

@@ -147,6 +147,6 @@ def state_floats(c: FixedStateConfig) -> int:
 
 
 MIXER = Mixer(name='mamba', module=Mamba, param_count=param_count, forward_macs=forward_macs,
-              state_floats=state_floats, defaults=dict(ssm_state=16, ssm_conv=4, ssm_expand=2, mlp_expand=0),
-              positive=('ssm_state', 'ssm_conv', 'ssm_expand'))
+              state_floats=state_floats, defaults=dict(mlp_expand=0),
+              positive=('ssm_state', 'ssm_conv', 'ssm_expand'), divisor_fallback=True)
 MAMBA = make_family(MIXER)

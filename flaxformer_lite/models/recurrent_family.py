@@ -8,16 +8,16 @@ import functools
 from typing import Any, Callable, Mapping
 
 from flaxformer_lite.models import transformer_family
-from flaxformer_lite.models import family
+from flaxformer_lite.models import family, knobs
 from flaxformer_lite.models.family import ModelFamily, StepFns
 from flaxformer_lite.models.recurrent import (RecurrentClassifier, RecurrentConfig, RecurrentDecoderClassifier,
                                               RecurrentLM, RecurrentSeq2Seq)
 from flaxformer_lite.models.recurrent_cells import CARRY_SIZE, NUM_GATES, cell_param_count
 from flaxformer_lite.spec import TaskSpec
 
-DEFAULTS = dict(dropout=0.0, pooling='mean', bidirectional=False, residual=False, rnn_attention='none',
-                unroll=1, share_embeddings=True, scale_embeddings=True, dtype='float32', arch='auto',
-                encoder_layers=None, hidden=None, width_multiple=8)
+# What unset (None) fields become; the family's own knobs are declared in models/knobs.py.
+DEFAULTS = dict(dropout=0.0, pooling='mean', share_embeddings=True, scale_embeddings=True, dtype='float32',
+                arch='auto', encoder_layers=None, hidden=None, width_multiple=8, **knobs.defaults('rnn'))
 CHOICES = dict(pooling=('mean', 'first', 'last'), rnn_attention=('none', 'bahdanau', 'luong'),
                dtype=('float32', 'bfloat16'), arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier'))
 # How far a matched width's non-embedding count may land from the Transformer's.

@@ -10,13 +10,15 @@ import jax.numpy as jnp
 
 from flaxformer_lite.models.attention import IMPLEMENTATIONS
 from flaxformer_lite.models.embeddings import POSITION_KINDS
-from flaxformer_lite.models import family
+from flaxformer_lite.models import family, knobs
 from flaxformer_lite.models.family import ModelFamily, StepFns
 from flaxformer_lite.models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMLM,
                                                  TransformerConfig)
 from flaxformer_lite.spec import TaskSpec
 
-DEFAULTS = dict(dropout=0.0, pos_encoding='sinusoidal', ffn='relu', norm_position='pre')
+# What unset (None) fields become; the family's own knobs are declared in models/knobs.py.
+DEFAULTS = dict(knobs.defaults('transformer'), dropout=0.0, pos_encoding='sinusoidal', ffn='relu',
+                norm_position='pre')
 # model.scan_layers unset: the layer scan from this depth on, on accelerators, where an
 # unrolled stack's compile time grows with every layer (not measured here: no GPU). Never
 # on CPU: there a scanned train step measured 2.2x an unrolled one at 2 layers and 1.2x at
