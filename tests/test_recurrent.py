@@ -14,8 +14,8 @@ from flaxformer_lite.config import SIZES, base_config
 from flaxformer_lite.errors import ConfigError
 from flaxformer_lite.models import REGISTRY, get
 from flaxformer_lite.models.recurrent import RecurrentConfig, RecurrentStack
-from flaxformer_lite.models.recurrent_cells import (CELLS, NUM_GATES, RecurrentLayer, fused_recurrence,
-                                                    scan_recurrence)
+from flaxformer_lite.models.recurrence import RecurrentWeights, fused_recurrence, scan_recurrence
+from flaxformer_lite.models.recurrent_cells import CELLS, RecurrentLayer, cell_kind
 from flaxformer_lite.models.recurrent_family import matched_transformer_params
 from flaxformer_lite.models.transformer import shift_right
 from flaxformer_lite.spec import TaskSpec
@@ -107,7 +107,7 @@ def test_lstm_forget_gate_bias_starts_at_one_and_recurrent_weights_are_orthogona
     layer = RecurrentLayer('lstm', 3, 4)
     p = nn.unbox(jax.jit(layer.init)(jax.random.key(0, impl='rbg'), jnp.zeros((2, 1, 3)))['params'])
     np.testing.assert_array_equal(p['bias'], np.array([[0.] * 4, [1.] * 4, [0.] * 4, [0.] * 4]))
-    assert p['w_ih'].shape == (3, NUM_GATES['lstm'], 4) and p['w_hh'].shape == (4, 4, 4)
+    assert p['w_ih'].shape == (3, cell_kind('lstm').num_gates, 4) and p['w_hh'].shape == (4, 4, 4)
     for gate in range(4):
         w = np.asarray(p['w_hh'][:, gate, :])
         np.testing.assert_allclose(w.T @ w, np.eye(4), atol=1e-5)
@@ -125,8 +125,9 @@ def test_hoisted_fused_form_equals_plain_cell_values_and_gradients(cell):
     mask = jnp.asarray(rng.random((t, b)) > 0.3)
     layer = RecurrentLayer(cell, d, h)
     p = random_params(layer, x, seed=4)
-    carry0 = tuple(jnp.asarray(rng.normal(size=(b, h)), jnp.float32) for _ in range(2 if cell == 'lstm' else 1))
-    g = NUM_GATES[cell] * h
+    kind = cell_kind(cell)
+    carry0 = tuple(jnp.asarray(rng.normal(size=(b, h)), jnp.float32) for _ in range(kind.carry_size))
+    g = kind.num_gates * h
     gx = jnp.asarray(rng.normal(size=(t, b, g)), jnp.float32)
     w = jnp.asarray(rng.normal(0, 0.5, (h, g)), jnp.float32)
     bias = jnp.asarray(rng.normal(size=(g,)), jnp.float32)
@@ -143,8 +144,9 @@ def test_hoisted_fused_form_equals_plain_cell_values_and_gradients(cell):
             steps.append(y)
         grads = []
         for m in (None, mask):
-            fused_out, fused_vjp = jax.vjp(lambda *a: fused_recurrence(cell, *a, m, 2), gx, bias, w, b_rec, carry0)
-            plain_out, plain_vjp = jax.vjp(lambda *a: scan_recurrence(cell, *a, m, 1), gx, bias, w, b_rec, carry0)
+            weights = RecurrentWeights(bias, w, b_rec)
+            fused_out, fused_vjp = jax.vjp(lambda *a: fused_recurrence(kind, *a, m, unroll=2), gx, weights, carry0)
+            plain_out, plain_vjp = jax.vjp(lambda *a: scan_recurrence(kind, *a, m), gx, weights, carry0)
             grads.append((fused_out, plain_out, fused_vjp((d_out, d_final)), plain_vjp((d_out, d_final))))
         return out, final, jnp.stack(steps), carry, grads
 
@@ -158,6 +160,18 @@ def test_hoisted_fused_form_equals_plain_cell_values_and_gradients(cell):
         assert len(jax.tree.leaves(got)) == len(jax.tree.leaves(want)) == 3 + len(carry0) + (cell == 'gru')
         for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_cell_kinds_by_config_name():
+    """The config's names map to one object per kind; its layout matches the layer's tree."""
+    assert CELLS == ('rnn', 'gru', 'lstm')
+    for name, gates, carry in (('rnn', 1, 1), ('gru', 3, 1), ('lstm', 4, 2)):
+        kind = cell_kind(name)
+        assert (kind.name, kind.num_gates, kind.carry_size) == (name, gates, carry)
+        shapes = jax.eval_shape(lambda: RecurrentLayer(name, 3, 5).init(jax.random.key(0), jnp.zeros((2, 1, 3))))
+        assert kind.param_count(3, 5) == sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    with pytest.raises(ValueError, match="unknown cell 'elman'"):
+        cell_kind('elman')
 
 
 @pytest.mark.parametrize('cell', CELLS)

@@ -10,8 +10,9 @@ They take the same batches as the Transformer and return the same shapes, so a c
 changes `model.name` and nothing else. The embedding width is the recurrent width
 `hidden`, so a shared embedding doubles as the output projection, as in the Transformer.
 Stacks are time-major inside (x_TBD): each layer is one hoisted product plus one scan
-(`recurrent_cells.py`); when the embedding table has fewer rows than the batch has
-tokens, the first layer projects the table instead of every token (`embed_inputs`).
+(`recurrent_cells.py`, the loop in `recurrence.py`); when the embedding table has fewer
+rows than the batch has tokens, the first layer projects the table instead of every
+token (`embed_inputs`).
 Decoding carries the recurrent state: `initial_state`/`encode` start it, `step` feeds
 one token (see `recurrent_family.decoder`).
 """
@@ -27,13 +28,10 @@ import jax.numpy as jnp
 
 from flaxformer_lite.models import mup
 from flaxformer_lite.models.embeddings import Embed
-from flaxformer_lite.models.layers import Dense, constrain, dtype_of, partitioned
-from flaxformer_lite.models.recurrent_cells import (CARRY_SIZE, Carry, RecurrentLayer, cell_params,
-                                                    cell_update, flat_recurrent, matmul, recurrent_product,
-                                                    zero_carry)
+from flaxformer_lite.models.layers import Dense, constrain, dtype_of
+from flaxformer_lite.models.recurrent_cells import (MASKED_SCORE, BahdanauLayer, Cell, RecurrentLayer, cell_kind,
+                                                    matmul)
 from flaxformer_lite.models.transformer import pool, readout_input, shift_right
-
-_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +56,11 @@ class RecurrentConfig:
     bos_id: int = 1
     fused: bool = True  # custom-VJP recurrence (False: plain scan + autodiff, the reference)
     mup_base_width: int | None = None  # muP's base hidden (optim.base_width); None: standard (models/mup.py)
+
+    @property
+    def kind(self) -> Cell:
+        """The cell object of `cell` (gates, carry size, step)."""
+        return cell_kind(self.cell)
 
     @property
     def directions(self) -> int:
@@ -97,7 +100,7 @@ class RecurrentStack(nn.Module):
         dirs = 2 if self.bidirectional else 1
         return self.cfg.residual and index + self.offset >= 1 and width_in == dirs * self.cfg.hidden
 
-    def __call__(self, x_TBD: jax.Array | None, mask_TB: jax.Array | None = None, carries: list | None = None,
+    def __call__(self, x_TBD: jax.Array | None, mask_TB: jax.Array | None = None, *, carries: list | None = None,
                  deterministic: bool = True, tokens: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, list]:
         """-> (y_TBH', final carries per layer: a Carry, or (forward, backward) carries).
@@ -137,7 +140,7 @@ class RecurrentStack(nn.Module):
         return x_BD, new
 
     def zero_carries(self, batch: int) -> list:
-        return [zero_carry(self.cfg.cell, batch, self.cfg.hidden) for _ in range(self.num_layers)]
+        return [self.cfg.kind.zero_carry(batch, self.cfg.hidden) for _ in range(self.num_layers)]
 
 
 def _embed(c: RecurrentConfig, vocab: int) -> Embed:
@@ -253,62 +256,6 @@ class RecurrentDecoderClassifier(RecurrentClassifier):
         return self.stack
 
 
-class BahdanauLayer(nn.Module):
-    """Decoder layer 0 with additive attention inside the recurrence (Bahdanau et al. 2015):
-    its previous state h queries the encoder memory, e_s = v . tanh(W_q h + W_k m_s), and
-    the context joins the token embedding as the cell's input. Only the embedding part of
-    the input projection can be hoisted; the context part runs inside the scan."""
-    cfg: RecurrentConfig
-    in_features: int
-    memory_features: int
-
-    def setup(self):
-        c = self.cfg
-        h = c.hidden
-        width = self.in_features + self.memory_features
-        self.w_ih, self.w_hh, self.bias, self.b_hn = cell_params(self, c.cell, width, h)
-        init = nn.initializers.xavier_uniform()
-        self.w_q = self.param('w_q', partitioned(init, ('embed', 'mlp')), (h, h), jnp.float32)
-        self.w_k = self.param('w_k', partitioned(init, ('embed', 'mlp')), (self.memory_features, h), jnp.float32)
-        self.v = self.param('v', partitioned(nn.initializers.normal(h**-0.5), ('mlp',)), (h,), jnp.float32)
-
-    def keys(self, memory_BSE: jax.Array) -> jax.Array:
-        """W_k m_s for every source position, once per sequence: [B, S, A]."""
-        return jnp.dot(memory_BSE, self.w_k)
-
-    def _weights(self):
-        d, g, h = self.w_ih.shape
-        w = self.w_ih.reshape(d, g * h)
-        return w[:self.in_features], w[self.in_features:], self.bias.reshape(g * h)
-
-    def _step(self, carry: Carry, gx_BG: jax.Array, memory: dict) -> Carry:
-        _, w_ctx, _ = self._weights()
-        e_BS = jnp.tanh(memory['keys'] + jnp.dot(carry[0], self.w_q)[:, None]) @ self.v
-        a_BS = jax.nn.softmax(jnp.where(memory['valid'], e_BS, _NEG), axis=-1)
-        ctx_BE = jnp.einsum('bs,bse->be', a_BS, memory['memory'])
-        rec = recurrent_product(carry[0], *flat_recurrent(self.cfg.cell, self.w_hh, self.b_hn))
-        return cell_update(self.cfg.cell, gx_BG + jnp.dot(ctx_BE, w_ctx), rec, carry)
-
-    def __call__(self, x_TBD: jax.Array, carry0: Carry, memory: dict) -> tuple[jax.Array, Carry]:
-        w_emb, _, bias = self._weights()
-        dt = dtype_of(self.cfg.dtype)
-        gx_TBG = matmul(x_TBD, w_emb, dt) + bias
-
-        def body(carry, gx_BG):
-            new = self._step(carry, gx_BG, memory)
-            return new, new[0]
-
-        final, h_TBH = jax.lax.scan(body, tuple(carry0), gx_TBG, unroll=self.cfg.unroll)
-        return h_TBH, final
-
-    def step(self, carry: Carry, x_BD: jax.Array, memory: dict) -> tuple[Carry, jax.Array]:
-        w_emb, _, bias = self._weights()
-        dt = dtype_of(self.cfg.dtype)
-        gx = matmul(x_BD, w_emb, dt) + bias
-        new = self._step(tuple(carry), gx, memory)
-        return new, new[0]
-
-
 class RecurrentSeq2Seq(nn.Module):
     """Encoder over `inputs`, decoder over shifted `targets`: logits [B, T, V].
 
@@ -330,10 +277,10 @@ class RecurrentSeq2Seq(nn.Module):
         self.encoder = RecurrentStack(c, c.encoder_layers, h, bidirectional=c.bidirectional)
         if c.bidirectional:
             self.bridge = [Dense(h, ('embed', 'mlp'), dtype=jnp.float32)
-                           for _ in range(c.num_layers * CARRY_SIZE[c.cell])]
+                           for _ in range(c.num_layers * c.kind.carry_size)]
         first = 0
         if c.rnn_attention == 'bahdanau':
-            self.attention = BahdanauLayer(c, h, dirs * h)
+            self.attention = BahdanauLayer(c.cell, h, dirs * h, h, dtype=dtype_of(c.dtype), unroll=c.unroll)
             first = 1
         self.decoder = RecurrentStack(c, c.num_layers - first, h, offset=first) if c.num_layers > first else None
         if c.rnn_attention == 'luong':
@@ -353,8 +300,8 @@ class RecurrentSeq2Seq(nn.Module):
             if c.bidirectional:
                 fwd, bwd = final
                 parts = []
-                for k in range(CARRY_SIZE[c.cell]):
-                    joined = self.bridge[i * CARRY_SIZE[c.cell] + k](jnp.concatenate([fwd[k], bwd[k]], -1))
+                for k in range(c.kind.carry_size):
+                    joined = self.bridge[i * c.kind.carry_size + k](jnp.concatenate([fwd[k], bwd[k]], -1))
                     parts.append(jnp.tanh(joined) if k == 0 else joined)
                 final = tuple(parts)
             carries.append(tuple(final))
@@ -378,7 +325,7 @@ class RecurrentSeq2Seq(nn.Module):
     def _luong(self, h_BTH: jax.Array, state: dict) -> jax.Array:
         q_BTE = self.score(h_BTH)
         s_BTS = jnp.einsum('bte,bse->bts', q_BTE, state['memory'].astype(q_BTE.dtype)).astype(jnp.float32)
-        a_BTS = jax.nn.softmax(jnp.where(state['valid'][:, None], s_BTS, _NEG), axis=-1)
+        a_BTS = jax.nn.softmax(jnp.where(state['valid'][:, None], s_BTS, MASKED_SCORE), axis=-1)
         ctx_BTE = jnp.einsum('bts,bse->bte', a_BTS, state['memory'].astype(jnp.float32))
         return jnp.tanh(self.combine(jnp.concatenate([ctx_BTE.astype(h_BTH.dtype), h_BTH], -1)))
 

@@ -12,7 +12,7 @@ from flaxformer_lite.models import family, knobs
 from flaxformer_lite.models.family import ModelFamily, StepFns
 from flaxformer_lite.models.recurrent import (RecurrentClassifier, RecurrentConfig, RecurrentDecoderClassifier,
                                               RecurrentLM, RecurrentSeq2Seq)
-from flaxformer_lite.models.recurrent_cells import CARRY_SIZE, NUM_GATES, cell_param_count
+from flaxformer_lite.models.recurrent_cells import cell_kind, cell_param_count
 from flaxformer_lite.spec import TaskSpec
 
 # What unset (None) fields become; the family's own knobs are declared in models/knobs.py.
@@ -137,7 +137,7 @@ def _stack(c: RecurrentConfig, layers: int, in_features: int, directions: int,
 
 def _cell_kernels(cell: str, in_features: int, hidden: int) -> int:
     """Matrix weights of one cell (W_ih and W_hh; the biases are elementwise)."""
-    return NUM_GATES[cell] * (in_features + hidden) * hidden
+    return cell_kind(cell).num_gates * (in_features + hidden) * hidden
 
 
 def count_params(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int]:
@@ -154,7 +154,7 @@ def count_params(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, i
     else:
         embedding += 0 if c.share_embeddings else o * h
         body = _stack(c, c.encoder_layers, h, c.directions, cell_param_count) + head
-        body += c.num_layers * CARRY_SIZE[c.cell] * (2 * h * h + h) if c.bidirectional else 0  # bridges
+        body += c.num_layers * cell_kind(c.cell).carry_size * (2 * h * h + h) if c.bidirectional else 0  # bridges
         if c.rnn_attention == 'bahdanau':  # layer 0 reads [embedding; context]; W_q, W_k, v
             body += cell_param_count(c.cell, h + width, h) + h * h + width * h + h
             body += _stack(c, c.num_layers - 1, h, 1, cell_param_count)
@@ -182,7 +182,7 @@ def forward_macs(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, i
         out['per_example'] = width * o
     else:
         out['per_source'] = _stack(c, c.encoder_layers, h, c.directions, _cell_kernels)
-        out['per_example'] = c.num_layers * CARRY_SIZE[c.cell] * 2 * h * h if c.bidirectional else 0
+        out['per_example'] = c.num_layers * cell_kind(c.cell).carry_size * 2 * h * h if c.bidirectional else 0
         out['per_target'] = h * o
         if c.rnn_attention == 'bahdanau':
             out['per_source'] += width * h  # W_k
@@ -234,7 +234,7 @@ def state_size(cell: str, m: Mapping[str, Any], spec: TaskSpec) -> dict[str, int
     layers' and, with attention, reads the encoder memory per source token (plus
     Bahdanau's precomputed keys)."""
     c = hparams(cell, m, spec)
-    carry = CARRY_SIZE[cell] * c.hidden
+    carry = cell_kind(cell).carry_size * c.hidden
     if m['arch'] != 'encoder_decoder':
         return dict(fixed=c.directions * c.num_layers * carry, per_token=0)
     out = dict(fixed=c.num_layers * carry, per_token=0)
