@@ -29,7 +29,7 @@ from flaxformer_lite.train import results
 
 from conftest import ROOT, read_scalars
 
-pytestmark = pytest.mark.slow  # 30 short training runs
+pytestmark = pytest.mark.slow  # 28 short training runs
 
 PINNED = os.path.join(ROOT, 'tests', 'pinned', 'behaviour.json')
 RECORD = os.environ.get('FLAXFORMER_RECORD_PINNED') == '1'

@@ -260,7 +260,7 @@ def dry_run(sweep) -> str:
 def run_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from flaxformer_lite.runtime import lock
     from flaxformer_lite.sweep import plan, runner, slurm, stages
-    tuned = plan.tuned_spec(args.config, overrides) is not None
+    tuned = plan.tuned_definition(args.config, overrides) is not None
     if tuned and args.dry_run:
         print(dry_run(plan.load(args.config, overrides, args.workdir, stage='tune')))
         print(dry_run(plan.load(args.config, overrides, args.workdir, provisional=True)))
@@ -327,16 +327,16 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_spec(config_spec: str | None, paths: list[str]):
+def _report_spec(config_ref: str | None, paths: list[str]):
     """What the experiment file says its report shows (`get_report(arg)`), found from
     --config or from the first sweep's sweep.json; None: the report chooses."""
-    if config_spec is None:
+    if config_ref is None:
         try:
             with open(os.path.join(paths[0], 'sweep.json')) as f:
-                config_spec = json.load(f)['config']
+                config_ref = json.load(f)['config']
         except (OSError, ValueError, KeyError):
             return None
-    path, _, arg = config_spec.partition(':')
+    path, _, arg = config_ref.partition(':')
     if not os.path.isfile(path):
         return None
     from flaxformer_lite import config

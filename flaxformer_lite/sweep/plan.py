@@ -117,8 +117,8 @@ class Sweep:
         self.recorded = True
 
 
-def _definition(config_spec: str) -> list[dict[str, Any]] | tuning.Tuned:
-    path, _, arg = config_spec.partition(':')
+def _definition(config_ref: str) -> list[dict[str, Any]] | tuning.Tuned:
+    path, _, arg = config_ref.partition(':')
     module = config_lib._module(path)  # noqa: SLF001 -- the same loader as --config
     if not hasattr(module, 'get_sweep'):
         raise UserError(f"--sweep: '{path}' defines no get_sweep(arg); add one that returns a list of trials "
@@ -135,7 +135,7 @@ def _definition(config_spec: str) -> list[dict[str, Any]] | tuning.Tuned:
     return [dict(t) for t in trials]
 
 
-def base_for(config_spec: str, overrides: Mapping[str, str], base: ml_collections.ConfigDict,
+def base_for(config_ref: str, overrides: Mapping[str, str], base: ml_collections.ConfigDict,
              trial: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The config a trial starts from. A trial that sets `task.name` to another task
     starts from `get_config('ARG,task=NAME')` (each task has its own knobs), so the
@@ -143,7 +143,7 @@ def base_for(config_spec: str, overrides: Mapping[str, str], base: ml_collection
     name = trial.get('task.name')
     if name is None or name == base.task.name:
         return base
-    path, _, arg = config_spec.partition(':')
+    path, _, arg = config_ref.partition(':')
     return config_lib.load(f"{path}:{','.join(a for a in (arg, f'task={name}') if a)}", overrides)
 
 
@@ -154,10 +154,10 @@ def _apply(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_
     return cfg
 
 
-def _check(config_spec: str, overrides: Mapping[str, str], base: ml_collections.ConfigDict, index: int,
+def _check(config_ref: str, overrides: Mapping[str, str], base: ml_collections.ConfigDict, index: int,
            trial: Mapping[str, Any]) -> None:
     try:
-        config_lib.check(_apply(base_for(config_spec, overrides, base, trial), trial))
+        config_lib.check(_apply(base_for(config_ref, overrides, base, trial), trial))
     except ConfigError as e:
         raise ConfigError(f'--sweep: trial {index} ({overrides_key(trial)}): {e}') from None
 
@@ -188,14 +188,14 @@ def swept(trials: list[dict[str, Any]]) -> list[str]:
     return [f for f in fields if len({overrides_key({f: t.get(f, '<unset>')}) for t in trials}) > 1]
 
 
-def tuned_spec(config_spec: str, overrides: Mapping[str, str]) -> tuning.Tuned | None:
+def tuned_definition(config_ref: str, overrides: Mapping[str, str]) -> tuning.Tuned | None:
     """The tuning definition of a tuned sweep (checked), or None for a plain sweep."""
-    spec = _definition(config_spec)
-    if not isinstance(spec, tuning.Tuned):
+    tuned = _definition(config_ref)
+    if not isinstance(tuned, tuning.Tuned):
         return None
-    base = config_lib.load(config_spec, overrides)
-    tuning.check(spec, lambda field: _has_field(base, field))
-    return spec
+    base = config_lib.load(config_ref, overrides)
+    tuning.check(tuned, lambda field: _has_field(base, field))
+    return tuned
 
 
 def _has_field(cfg: ml_collections.ConfigDict, field: str) -> bool:
@@ -207,20 +207,20 @@ def _has_field(cfg: ml_collections.ConfigDict, field: str) -> bool:
     return True
 
 
-def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: str = 'main',
+def load(config_ref: str, overrides: Mapping[str, str], workdir: str, stage: str = 'main',
          provisional: bool = False) -> Sweep:
-    """The sweep of `config_spec` bound to `workdir`: validated, with indices and folders
+    """The sweep of `config_ref` bound to `workdir`: validated, with indices and folders
     (the recorded ones where sweep.json exists). Reads only. For a tuned sweep, `stage`
     'tune' is its tuning stage (in WORKDIR/tune) and 'main' its main trials with the values
     chosen in WORKDIR/tuning.json: before the choice, an error, or with `provisional` the
     main trials without them (to list or count them)."""
-    base = config_lib.load(config_spec, overrides)
-    defined = _definition(config_spec)
+    base = config_lib.load(config_ref, overrides)
+    defined = _definition(config_ref)
     if isinstance(defined, tuning.Tuned):
-        spec = defined
-        tuning.check(spec, lambda field: _has_field(base, field))
+        tuned = defined
+        tuning.check(tuned, lambda field: _has_field(base, field))
         if stage == 'tune':
-            defined = tuning.tune_trials(spec, tuning.extensions_of(workdir))
+            defined = tuning.tune_trials(tuned, tuning.extensions_of(workdir))
             workdir = os.path.join(workdir, tuning.TUNE_DIR)
         else:
             record = tuning.read(workdir)
@@ -228,18 +228,18 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: st
                 if not provisional:
                     raise UserError(f'--workdir={workdir}: the tuning stage has not chosen its values yet; run the '
                                     f'sweep command without --trial first (or wait for the tuning job array)')
-                defined = [dict(t) for t in spec.main]
+                defined = [dict(t) for t in tuned.main]
             else:
-                defined = tuning.main_trials(spec, record)
+                defined = tuning.main_trials(tuned, record)
     elif stage != 'main':
-        raise UserError(f'--stage={stage}: {config_spec} defines no tuning stage (get_sweep returns plain trials)')
+        raise UserError(f'--stage={stage}: {config_ref} defines no tuning stage (get_sweep returns plain trials)')
     seen: dict[str, int] = {}
     for i, overrides_i in enumerate(defined):
         key = overrides_key(overrides_i)
         if key in seen:
             raise UserError(f'--sweep: trials {seen[key]} and {i} are the same ({key}); each trial must differ')
         seen[key] = i
-        _check(config_spec, overrides, base, i, overrides_i)
+        _check(config_ref, overrides, base, i, overrides_i)
     fields = swept(defined)
     path = os.path.join(workdir, SWEEP_FILE)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -251,7 +251,7 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: st
                             f'or empty --workdir')
         trials = [TrialSpec(i, trial_name(t, names), trial_dir(i, trial_name(t, names)), t)
                   for i, t in enumerate(defined)]
-        return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=False, stage=stage)
+        return Sweep(config_ref, dict(overrides), workdir, trials, fields, base, recorded=False, stage=stage)
     try:
         with open(path) as f:
             old = json.load(f)
@@ -276,4 +276,4 @@ def load(config_spec: str, overrides: Mapping[str, str], workdir: str, stage: st
             index = len(trials)
             trials.append(TrialSpec(index, trial_name(t, names), trial_dir(index, trial_name(t, names)), t))
     added = len(trials) > len(recorded)
-    return Sweep(config_spec, dict(overrides), workdir, trials, fields, base, recorded=not added, stage=stage)
+    return Sweep(config_ref, dict(overrides), workdir, trials, fields, base, recorded=not added, stage=stage)

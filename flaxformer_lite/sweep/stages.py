@@ -12,11 +12,11 @@ from flaxformer_lite.errors import UserError
 from flaxformer_lite.sweep import plan, runner, tuning
 
 
-def choose(spec: tuning.Tuned, tune: plan.Sweep, *, extend: bool = True) -> dict[str, Any]:
+def choose(tuned: tuning.Tuned, tune: plan.Sweep, *, extend: bool = True) -> dict[str, Any]:
     """Select each group's value from the finished tuning trials (validation metric only).
     With `extend=False` a choice at the edge is flagged, never extended."""
     results = [(t.overrides, runner.read_status(tune, t)) for t in tune.trials]
-    record = tuning.select(spec, results, tuning.extensions_of(tune.root))
+    record = tuning.select(tuned, results, tuning.extensions_of(tune.root))
     if not extend:
         record['extensions'] = {k: v for k, v in record['extensions'].items() if k not in record['pending_extensions']}
         record['pending_extensions'] = {}
@@ -37,7 +37,7 @@ def describe(record: Mapping[str, Any]) -> str:
 def run_local(config: str, overrides: Mapping[str, str], workdir: str, parallel: int) -> int:
     """Tuning trials, the choice (extending an edge choice once), then the main trials.
     The caller holds the workdir's lock. Exit status as runner.run_local."""
-    spec = plan.tuned_spec(config, overrides)
+    tuned = plan.tuned_definition(config, overrides)
     while True:
         tune = plan.load(config, overrides, workdir, stage='tune')
         tune.record()
@@ -46,7 +46,7 @@ def run_local(config: str, overrides: Mapping[str, str], workdir: str, parallel:
             print(f'sweep {tune.name}: the tuning stage did not finish; the main trials wait for it (rerun the '
                   f'command)', file=sys.stderr)
             return code
-        record = choose(spec, tune, extend=spec.extend)
+        record = choose(tuned, tune, extend=tuned.extend)
         tuning.write(workdir, record)
         if not record['pending_extensions']:
             break
@@ -97,12 +97,12 @@ def ensure_choice(config: str, overrides: Mapping[str, str], workdir: str) -> No
     record = tuning.read(workdir)
     if record is not None and not record.get('pending_extensions'):
         return
-    spec = plan.tuned_spec(config, overrides)
+    tuned = plan.tuned_definition(config, overrides)
     tune = plan.load(config, overrides, workdir, stage='tune')
     if not all(runner.read_status(tune, t).get('status') == 'done' for t in tune.trials):
         raise UserError(f'--workdir={workdir}: the tuning stage is not finished; run it first (the sweep command '
                         f'without --trial, or its tuning job array)')
-    tuning.write(workdir, choose(spec, tune, extend=False))
+    tuning.write(workdir, choose(tuned, tune, extend=False))
 
 
 def submit_slurm(config: str, overrides: Mapping[str, str], workdir: str, slurm_args: str, submit: bool) -> int:

@@ -47,7 +47,7 @@ def recorded_sweep(workdir: str, stage: str = 'main') -> plan.Sweep:
         raise UserError(f'--workdir={workdir} holds no recorded sweep ({plan.SWEEP_FILE} missing); run the sweep '
                         f'command (launch.py --config=... --sweep --workdir={workdir}) first')
     config, overrides = record['config'], dict(record.get('overrides', {}))
-    tuned = plan.tuned_spec(config, overrides) is not None
+    tuned = plan.tuned_definition(config, overrides) is not None
     if tuned and stage == 'main':
         stages.ensure_choice(config, overrides, workdir)
     sweep = plan.load(config, overrides, workdir, stage=stage)
