@@ -125,7 +125,9 @@ def describe(exp: Run) -> str:
     matched = matched_transformer(exp)
     if matched is not None:
         hidden, multiple = exp.model_cfg['hidden'], exp.model_cfg['width_multiple']
-        note = '' if hidden % multiple == 0 else f', not a multiple of model.width_multiple={multiple}'
+        shards = max(d for d in (8, 4, 2, 1) if hidden % d == 0)
+        note = (f', not a multiple of model.width_multiple={multiple}' if multiple and hidden % multiple
+                else f', splits over {shards} devices' if shards < 8 else '')
         lines.append(f'parameter matching: non-embedding {s["params_non_embedding"]:,} (this model, '
                      f'model.hidden={hidden}{note}) vs {matched:,} (the {exp.config.model.size} Transformer): '
                      f'{s["params_non_embedding"] / max(matched, 1):.3f}x')

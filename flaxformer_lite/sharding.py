@@ -135,8 +135,8 @@ def param_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules) -> tuple[An
                 f"mesh.{axes_t[0]}: parameter {where} has a {names[i]} dimension of {dim}, which does not split over "
                 f"mesh axes {'*'.join(axes_t)} of size {n}; change mesh.{axes_t[0]}, or make that width a multiple of "
                 f"{n} (model.d_model, model.num_heads, model.num_kv_heads, model.d_ff; for the recurrent and "
-                f"fixed-state families model.hidden={-(-dim // n) * n}, which moves the parameter count off the "
-                f"matched one: --describe prints by how much)")
+                f"fixed-state families model.width_multiple={n}, which keeps the parameter match or says which "
+                f"model.hidden would leave it)")
         fixed.append(NamedSharding(mesh, P(*spec)))
     return jax.tree.unflatten(treedef, fixed), notes
 

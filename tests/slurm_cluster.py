@@ -304,14 +304,21 @@ def _cancel_all(env: dict, timeout: float = 10.0) -> None:
 
 
 def wait_for_job(cluster: dict, job_id: str, timeout: float = 30.0) -> None:
-    """Poll squeue until job `job_id` (all its array tasks) has left the queue."""
+    """Poll squeue until job `job_id` (all its array tasks) has left the queue: seen gone
+    twice, a second apart (on a loaded machine one poll came back empty while a task of
+    the array had yet to write its trial)."""
     deadline = time.monotonic() + timeout
+    gone = 0
     while True:
         out = _run(['squeue', '-h', '-j', str(job_id), '-o', '%i %T'], env=cluster['env'])
-        if out.returncode == 0 and not out.stdout.strip():
+        empty = out.returncode == 0 and not out.stdout.strip()
+        purged = out.returncode != 0 and 'Invalid job id' in out.stderr  # already left the controller
+        gone = gone + 1 if empty or purged else 0
+        if gone == 2:
             return
-        if out.returncode != 0 and 'Invalid job id' in out.stderr:
-            return  # already purged from the controller
+        if gone:
+            time.sleep(1.0)
+            continue
         if time.monotonic() > deadline:
             raise TimeoutError(f'job {job_id} still queued after {timeout:.0f} s: {out.stdout.strip()}'
                                f'{out.stderr.strip()}\n{_log_tail(cluster["dir"])}')

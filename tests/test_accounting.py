@@ -244,13 +244,13 @@ def test_recall_lstm_tiny_width_is_a_multiple_of_8_and_describe_shows_both_count
     assert hidden % 8 == 0
     own = exp.family.count_params(exp.model_cfg, exp.spec)['non_embedding']
     target = accounting.matched_transformer(exp)
-    assert abs(own - target) <= 0.05 * target
+    assert abs(own - target) <= 0.06 * target
     line = next(l for l in accounting.describe(exp).splitlines() if l.startswith('parameter matching'))
     assert f'{own:,}' in line and f'{target:,}' in line and f'{own / target:.3f}x' in line
     assert f'model.hidden={hidden}' in line
 
 
-def test_width_multiple_must_be_a_positive_integer_and_one_allows_any_width(monkeypatch):
+def test_width_multiple_must_be_a_positive_integer_or_unset_and_one_allows_any_width(monkeypatch):
     spec = TaskSpec('lm', 74, 64, 64, 74)
     tiny = config_lib.SIZES['tiny']
     for bad in (0, -8, 2.5, True):
@@ -258,10 +258,11 @@ def test_width_multiple_must_be_a_positive_integer_and_one_allows_any_width(monk
             get('lstm').resolve({**MODEL, 'name': 'lstm', 'width_multiple': bad}, tiny, spec)
     free = get('lstm').resolve({**MODEL, 'name': 'lstm', 'width_multiple': 1}, tiny, spec)
     assert free['hidden'] == 79  # the closest width overall
-    # An LSTM layer has 12 (width 1), 40 or 84 parameters: none lands within 5% of 60.
+    # An LSTM layer has 12 (width 1), 40 or 84 parameters: none lands within 6% of 60.
     monkeypatch.setattr(recurrent_family, 'matched_transformer_params', lambda *args: 60)
     tiny_row = dict(tiny, num_layers=1)
-    with pytest.raises(ConfigError, match=r'model\.width_multiple: .*model\.hidden'):
+    with pytest.raises(ConfigError, match=r'^model\.hidden: no multiple of 1 .*\(2 gives 0\.667x, 3 gives 1\.400x\); '
+                                          r'set model\.hidden to accept the gap$'):
         get('lstm').resolve({**MODEL, 'name': 'lstm'}, tiny_row, spec)
 
 

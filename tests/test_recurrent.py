@@ -275,9 +275,9 @@ def test_output_shapes_and_flops():
 
 
 @pytest.mark.parametrize('cell', CELLS)
-def test_parameter_matching_within_five_percent(cell):
+def test_parameter_matching_within_six_percent(cell):
     """The matched width is the multiple of 8 closest to the Transformer's count, within
-    5%. Where no multiple of 8 lands within 5% (small widths, where a step of 8 moves the
+    6%. Where no multiple of 8 lands within 6% (small widths, where a step of 8 moves the
     count by 10-20%), it is the closest multiple of the largest divisor of 8 that does."""
     specs = [TaskSpec('lm', 256, 64, 64, 256), TaskSpec('classify', 256, 64, 1, 10),
              TaskSpec('seq2seq', 256, 64, 64, 256)]
@@ -293,9 +293,9 @@ def test_parameter_matching_within_five_percent(cell):
                 def error(h):
                     return abs(get(cell).count_params({**m, 'hidden': h}, spec)['non_embedding'] - target) / target
 
-                step = next(d for d in (8, 4, 2, 1) if any(error(h) <= 0.05 for h in range(d, 4096, d)))
+                step = next(d for d in (8, 4, 2, 1) if any(error(h) <= 0.06 for h in range(d, 4096, d)))
                 where = (cell, size, spec.kind, fields, m['hidden'])
-                assert m['hidden'] % step == 0 and error(m['hidden']) <= 0.05, where
+                assert m['hidden'] % step == 0 and error(m['hidden']) <= 0.06, where
                 assert error(m['hidden']) == min(error(h) for h in range(step, 4096, step)), where
                 assert step == 8 or size in ('tiny', 'mini'), where  # from `small` on always a multiple of 8
                 assert m['num_layers'] == SIZES[size]['num_layers']

@@ -20,7 +20,7 @@ from flaxformer_lite import resolve, sharding, tracking
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.train import checkpoint, evaluate, loop
 
-from conftest import read_scalars, tiny_config
+from conftest import ROOT, read_scalars, tiny_config
 
 TINY_RUN = dict(train__steps=2, train__log_every=1, eval__every_steps=2, checkpoint__every_steps=2,
                 eval__num_examples=16)
@@ -183,6 +183,29 @@ def test_refused_workdir_with_one_or_two_other_fields_lists_them_all(tmp_path):
     workdir = _finished_run(tmp_path)
     with pytest.raises(UserError, match=r"model.size='tiny', not 'mini' \(also different: train.seed\);"):
         checkpoint.check_workdir(str(workdir), tiny_config(model__size='mini', train__seed=3).to_dict())
+
+
+def test_runs_saved_before_the_width_rule_changed_resume_or_say_how(tmp_path):
+    """Runs saved when a matched width's default multiple was stored as 8: an LSTM (same
+    width) resumes; minGRU at tiny (70 then, 72 now) is refused with the flag that
+    continues it, and with that flag it resumes."""
+    def run(model: str, overrides=None):
+        return resolve.from_config(config_lib.load(f'{ROOT}/configs/recall.py:model={model}', overrides or {}))
+
+    for model, old_width in (('lstm', 80), ('mingru', 70)):
+        saved = run(model).config.to_dict()
+        saved['model'].update(hidden=old_width, width_multiple=8)
+        checkpoint.write_config(str(tmp_path / model), saved)
+    lstm = run('lstm')
+    assert checkpoint.check_workdir(str(tmp_path / 'lstm'), lstm.config.to_dict(), lstm.derived)
+    mingru = run('mingru')
+    assert mingru.config.model.hidden == 72 and 'model.hidden' in mingru.derived
+    with pytest.raises(UserError, match=r'matched width model\.hidden=70 was chosen by an earlier version of '
+                                        r'flaxformer_lite \(this one picks 72\); add --config\.model\.hidden=70 '
+                                        r'to continue it'):
+        checkpoint.check_workdir(str(tmp_path / 'mingru'), mingru.config.to_dict(), mingru.derived)
+    pinned = run('mingru', {'model.hidden': '70'})
+    assert checkpoint.check_workdir(str(tmp_path / 'mingru'), pinned.config.to_dict(), pinned.derived)
 
 
 def test_opening_checkpoints_read_only_logs_no_warning(tmp_path):

@@ -3,17 +3,12 @@ config resolution with parameter matching, building, analytic counts, FLOPs, dec
 and the state size. A family is a `Mixer` (its module and its per-layer numbers)
 turned into a `ModelFamily` by `make_family`.
 
-Width matching: when `model.hidden` is unset, the multiple of lcm(model.width_multiple,
-the mixer's quantum, e.g. the head count) whose non-embedding count is closest to the
-Transformer of the same `model.size` (`recurrent_family.matched_transformer_params`);
-depth is the row's `num_layers`. Where that closest multiple lands outside
-MATCH_TOLERANCE, a mixer with `divisor_fallback` (mamba, minGRU) keeps the parameter
-match instead: the largest divisor of width_multiple whose multiple lands within the
-tolerance, as rnn, lstm and gru do (mamba's micro: 36; minGRU's micro, tiny, mini: 35,
-70, 140, where the nearest multiples of 8 are 0.83x, 1.05x and 1.05x the Transformer's
-count). Such a width shards over fewer devices; `model.hidden` set explicitly (e.g. 72)
-or `model.width_multiple` chooses the other trade-off. One without it keeps the
-multiple whatever the ratio; `--describe` prints the ratio.
+Width matching, as for rnn, lstm and gru (`recurrent_family.matched_width`): when
+`model.hidden` is unset, the width whose non-embedding count lands closest to the
+Transformer of the same `model.size`, a multiple of the mixer's quantum (e.g. the head
+count) and of `model.width_multiple` (unset: 8, or at small widths where no multiple of 8
+lands within the tolerance, 4 or 2: mamba's micro width is 36); depth is the row's
+`num_layers`. `--describe` prints the ratio.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from flaxformer_lite.models.fixed_state import FixedStateClassifier, FixedStateC
 from flaxformer_lite.spec import TaskSpec
 
 COMMON_DEFAULTS = dict(dropout=0.0, pooling='mean', share_embeddings=True, scale_embeddings=True, dtype='float32',
-                       arch='auto', hidden=None, width_multiple=8, ffn='relu', norm='layernorm', mlp_expand=4)
+                       arch='auto', hidden=None, width_multiple=None, ffn='relu', norm='layernorm', mlp_expand=4)
 COMMON_CHOICES = dict(pooling=('mean', 'first', 'last'), dtype=('float32', 'bfloat16'), ffn=('relu', 'gelu', 'swiglu'),
                       norm=('layernorm', 'rmsnorm'),
                       arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier'))
@@ -49,9 +44,6 @@ class Mixer:
     quantum: Callable[[Mapping[str, Any]], int] = lambda m: 1  # the width must be a multiple of this
     check: Callable[[dict[str, Any], TaskSpec], None] = lambda m, spec: None  # the family's own checks
     renamed: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)  # see family.fill
-    # A matched width outside MATCH_TOLERANCE: True falls back to a divisor of width_multiple
-    # (the widths mamba's runs have used), False keeps the multiple (see the module docstring).
-    divisor_fallback: bool = False
 
 
 def _positive_int(m: Mapping[str, Any], key: str, minimum: int = 1) -> None:
@@ -77,8 +69,9 @@ def resolve(mixer: Mixer, model: dict[str, Any], size: Mapping[str, Any], spec: 
     if m['rnn_attention'] != 'none':
         family.fail('rnn_attention', f"is for recurrent seq2seq models (rnn, lstm, gru), not {mixer.name}; "
                     f"set it to none")
-    for key in ('num_layers', 'width_multiple') + mixer.positive:
+    for key in ('num_layers',) + mixer.positive:
         _positive_int(m, key)
+    recurrent_family.check_width_multiple(m['width_multiple'])
     _positive_int(m, 'mlp_expand', minimum=0)
     if not 0.0 <= m['dropout'] < 1.0:
         family.fail('dropout', 'must be in [0, 1)')
@@ -99,23 +92,12 @@ def resolve(mixer: Mixer, model: dict[str, Any], size: Mapping[str, Any], spec: 
 
 def _matched_width(mixer: Mixer, m: dict[str, Any], model: Mapping[str, Any], size: Mapping[str, Any],
                    spec: TaskSpec) -> int:
-    """The multiple of lcm(model.width_multiple, quantum) whose non-embedding count lands
-    closest to the matched Transformer's (with `divisor_fallback`: see Mixer)."""
     target = recurrent_family.matched_transformer_params(model, size, spec)
 
     def count(h: int) -> int:
         return count_params(mixer, {**m, 'hidden': h}, spec)['non_embedding']
 
-    multiple, quantum = m['width_multiple'], mixer.quantum(m)
-    if not mixer.divisor_fallback:
-        return recurrent_family.match_hidden(count, target, math.lcm(multiple, quantum))
-    for d in (d for d in range(multiple, 0, -1) if multiple % d == 0):
-        hidden = recurrent_family.match_hidden(count, target, math.lcm(d, quantum))
-        if abs(count(hidden) - target) <= recurrent_family.MATCH_TOLERANCE * target:
-            return hidden
-    family.fail('width_multiple', f"no width lands within {recurrent_family.MATCH_TOLERANCE:.0%} of the {target:,} "
-                f"non-embedding parameters of the matched Transformer (model.hidden={hidden} gives "
-                f"{count(hidden):,}); set model.hidden")
+    return recurrent_family.matched_width(count, target, m['width_multiple'], mixer.quantum(m))
 
 
 def hparams(m: Mapping[str, Any], spec: TaskSpec, **changes) -> FixedStateConfig:

@@ -148,5 +148,5 @@ def state_floats(c: FixedStateConfig) -> int:
 
 MIXER = Mixer(name='mamba', module=Mamba, param_count=param_count, forward_macs=forward_macs,
               state_floats=state_floats, defaults=dict(mlp_expand=0),
-              positive=('ssm_state', 'ssm_conv', 'ssm_expand'), divisor_fallback=True)
+              positive=('ssm_state', 'ssm_conv', 'ssm_expand'))
 MAMBA = make_family(MIXER)

@@ -114,9 +114,6 @@ def state_floats(c: FixedStateConfig) -> int:
     return inner_width(c)
 
 
-# Parameter matching comes first: where no multiple of model.width_multiple lands within the
-# tolerance (micro, tiny, mini: the nearest are 0.83x, 1.05x, 1.05x), the width falls back to
-# a divisor's multiple (35, 70, 140), as rnn, lstm, gru and mamba do (fixed_state_family).
 MIXER = Mixer(name='mingru', module=MinGRU, param_count=param_count, forward_macs=forward_macs,
-              state_floats=state_floats, positive=('mingru_expand',), divisor_fallback=True)
+              state_floats=state_floats, positive=('mingru_expand',))
 MINGRU = make_family(MIXER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 from flaxformer_lite.models import transformer_family
@@ -17,11 +18,16 @@ from flaxformer_lite.spec import TaskSpec
 
 # What unset (None) fields become; the family's own knobs are declared in models/knobs.py.
 DEFAULTS = dict(dropout=0.0, pooling='mean', share_embeddings=True, scale_embeddings=True, dtype='float32',
-                arch='auto', encoder_layers=None, hidden=None, width_multiple=8, **knobs.defaults('rnn'))
+                arch='auto', encoder_layers=None, hidden=None, width_multiple=None, **knobs.defaults('rnn'))
 CHOICES = dict(pooling=('mean', 'first', 'last'), rnn_attention=('none', 'bahdanau', 'luong'),
                dtype=('float32', 'bfloat16'), arch=('auto', 'decoder_only', 'encoder_decoder', 'encoder_classifier', 'decoder_classifier'))
-# How far a matched width's non-embedding count may land from the Transformer's.
-MATCH_TOLERANCE = 0.05
+# How far a matched width's non-embedding count may land from the Transformer's: 6%, so
+# that minGRU's matched width is a multiple of 8 from `tiny` up (one step of 8 moves its
+# count by 10-11% there; 72 at tiny is 1.053x).
+MATCH_TOLERANCE = 0.06
+# With model.width_multiple unset, a matched width is a multiple of 8 (it shards over 2, 4
+# and 8 devices) wherever one lands within MATCH_TOLERANCE; below that, of 4, then 2, then 1.
+AUTO_MULTIPLES = (8, 4, 2, 1)
 
 
 def matched_transformer_params(model: Mapping[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> int:
@@ -52,12 +58,40 @@ def match_hidden(count: Callable[[int], int], target: int, multiple: int = 1) ->
     return min((k * multiple for k in (lo - 1, lo) if k >= 1), key=lambda w: abs(count(w) - target))
 
 
+def check_width_multiple(multiple: Any) -> None:
+    if isinstance(multiple, bool) or not (multiple is None or isinstance(multiple, int) and multiple >= 1):
+        family.fail('width_multiple', f'must be a positive integer, or unset (got {multiple!r}); 1 allows any '
+                                      f'width, 8 shards over 8 devices')
+
+
+def matched_width(count: Callable[[int], int], target: int, multiple: int | None, quantum: int = 1) -> int:
+    """The width (a multiple of `quantum`, e.g. the head count) whose non-embedding count
+    lands closest to `target`. `multiple` set (model.width_multiple): a multiple of it, or
+    a ConfigError naming the widths on either side when none lands within MATCH_TOLERANCE.
+    Unset: the first of AUTO_MULTIPLES that lands within it, so that at small widths the
+    comparison stays fair (an LSTM of width 80 gains 20% parameters from one step of 8)."""
+    def within(width: int) -> bool:
+        return abs(count(width) - target) <= MATCH_TOLERANCE * target
+
+    for step in (multiple,) if multiple is not None else AUTO_MULTIPLES:
+        width = match_hidden(count, target, math.lcm(step, quantum))
+        if within(width):
+            return width
+    step = math.lcm(multiple or 1, quantum)
+    pair = (width, width + step) if count(width) < target or width == step else (width - step, width)
+    options = ', '.join(f'{w} gives {count(w) / target:.3f}x' for w in pair)
+    family.fail('width_multiple' if multiple is not None else 'hidden',
+                f"no multiple of {step} lands within {MATCH_TOLERANCE:.0%} of the {target:,} non-embedding "
+                f"parameters of the matched Transformer ({options}); set model.hidden to accept the gap"
+                + (', or leave model.width_multiple unset' if multiple is not None else ''))
+
+
 def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
     """Fill unset fields (defaults, then the size row's), pick the shape from the task,
     and, when `model.hidden` is unset, the width matched to the Transformer of the same
-    size (`matched_transformer_params`): the multiple of `model.width_multiple` closest
-    to its count, within MATCH_TOLERANCE; depth is the row's `num_layers`. Adds no keys:
-    the cell is the family's (bound by `_family`). Raises ConfigError naming the field."""
+    size (`matched_transformer_params`, `matched_width`); depth is the row's `num_layers`.
+    Adds no keys: the cell is the family's (bound by `_family`). Raises ConfigError naming
+    the field."""
     m = family.fill(model, DEFAULTS, size, CHOICES, spec)
     if m['num_layers'] is None or m['num_layers'] < 1:
         family.fail('num_layers', 'must be a positive integer')
@@ -83,26 +117,14 @@ def resolve(cell: str, model: dict[str, Any], size: Mapping[str, Any], spec: Tas
     if m['share_embeddings'] and spec.kind in ('lm', 'seq2seq') and spec.vocab_size != spec.num_outputs:
         family.fail('share_embeddings', f'the task has {spec.vocab_size} input and {spec.num_outputs} output '
                                   f'tokens; one shared table needs one vocabulary (set it to false)')
-    multiple = m['width_multiple']
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        family.fail('width_multiple', 'must be a positive integer (1: any width; 8: shardable over 8 devices)')
+    check_width_multiple(m['width_multiple'])
     if m['hidden'] is None:
         target = matched_transformer_params(model, size, spec)
 
         def count(h: int) -> int:
             return count_params(cell, {**m, 'hidden': h}, spec)['non_embedding']
 
-        # The closest multiple of model.width_multiple, or, where none lands within the
-        # tolerance (small widths: a step of 8 moves an LSTM of width 80 by 20%), of its
-        # largest divisor that does, so that the comparison stays fair; `--describe` says so.
-        for step in (d for d in range(multiple, 0, -1) if multiple % d == 0):
-            m['hidden'] = match_hidden(count, target, step)
-            if abs(count(m['hidden']) - target) <= MATCH_TOLERANCE * target:
-                break
-        else:
-            family.fail('width_multiple', f"no width lands within {MATCH_TOLERANCE:.0%} of the {target:,} "
-                        f"non-embedding parameters of the matched Transformer (model.hidden={m['hidden']} gives "
-                        f"{count(m['hidden']):,}, model.width_multiple={multiple}); set model.hidden")
+        m['hidden'] = matched_width(count, target, m['width_multiple'])
     elif isinstance(m['hidden'], bool) or not isinstance(m['hidden'], int) or m['hidden'] < 1:
         family.fail('hidden', 'must be a positive integer (or unset: matched to the Transformer of model.size)')
     return m

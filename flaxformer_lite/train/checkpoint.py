@@ -41,8 +41,9 @@ DAMAGED_DIR = 'checkpoints_damaged'
 MANIFEST = 'flaxformer_manifest.json'
 # Not part of a run's contents: what a writer leaves while it works (flaxformer_lite/runtime/lock.py).
 BOOKKEEPING = ('lock.json',)
-# Fields besides config.RESUMABLE_FIELDS that may differ on resume (added after runs existed).
-ALSO_RESUMABLE = ('train.skip_nonfinite',)
+# Fields besides config.RESUMABLE_FIELDS that may differ on resume: added after runs existed,
+# or, for model.width_multiple, one that only picks model.hidden (which is compared).
+ALSO_RESUMABLE = ('train.skip_nonfinite', 'model.width_multiple')
 
 
 class StorageError(Exception):
@@ -148,6 +149,11 @@ def check_workdir(workdir: str, cfg_dict: Mapping[str, Any], derived: Collection
         name, others = conflicts[0], conflicts[1:]
         listed = ', '.join(others[:3]) + (f' and {len(others) - 3} other fields' if len(others) > 3 else '')
         more = f' (also different: {listed})' if others else ''
+        if name == 'model.hidden' and name in derived:  # the matching rule changed since
+            raise UserError(f'--workdir={workdir} holds a run whose matched width model.hidden={flat_saved[name]} '
+                            f'was chosen by an earlier version of flaxformer_lite (this one picks '
+                            f'{flat_now.get(name)}); add --config.model.hidden={flat_saved[name]} to continue it, '
+                            f'or choose a new --workdir')
         raise UserError(f'--workdir={workdir} holds a run with {name}={flat_saved.get(name)!r}, not '
                         f'{flat_now.get(name)!r}{more}; continue it with its own config or choose a new --workdir')
     results_lib.read(workdir)  # a damaged results.json is an error now, not after training
