@@ -25,7 +25,16 @@ def pytest_configure(config):
     """The fast tier (`-m "not slow"`) checks plumbing and numerics, not speed: it compiles
     without most of XLA's optimisations (jax_disable_most_optimizations, here and in every
     subprocess), which measured 4 min 2 s against 4 min 55 s for it on 2 cores. The full
-    suite compiles as a user's run does."""
+    suite compiles as a user's run does.
+
+    Under pytest-xdist (`-n 2`), the tests of an `xdist_group` run on one worker
+    (`--dist loadgroup`; the others are spread as `load` does): a module whose fixture
+    trains runs, starts processes or a SLURM cluster would otherwise do so on each worker."""
+    if not any(arg.startswith('--dist') for arg in config.invocation_params.args):
+        if hasattr(config, 'workerinput'):  # a worker: name each test's group in its node id
+            config.option.loadgroup = True
+        elif getattr(config.option, 'dist', None) == 'load':  # the controller: schedule by group
+            config.option.dist = 'loadgroup'
     if 'not slow' in (config.option.markexpr or ''):
         os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
         import sys

@@ -25,7 +25,6 @@ MESHES = {
     'one': dict(mesh__num_devices=1),
     'dp': dict(mesh__data=8),
     'fsdp': dict(mesh__data=1, mesh__fsdp=8),
-    'tp': dict(mesh__data=4, mesh__tensor=2),
     'fsdp_tp': dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2),
 }
 RUN = dict(train__steps=5, optim__decay_steps=10, train__log_every=1, eval__every_steps=5, checkpoint__every_steps=5,

@@ -33,6 +33,8 @@ from flaxformer_lite.train import optimizer
 
 from conftest import ROOT, read_scalars, tiny_config
 
+pytestmark = pytest.mark.xdist_group('fixed_state_families')  # its 8-device mesh process, started once
+
 FAMILIES = ('linear_attention', 'mamba', 'mingru')
 MIXERS = {module.MIXER.name: module.MIXER for module in (linear_attention, mamba, mingru)}
 MODEL = base_config('recall').model.to_dict()

@@ -19,6 +19,8 @@ from flaxformer_lite.train import checkpoint
 from flaxformer_lite.train.loop import train_and_evaluate
 from flaxformer_lite.train.setup import build
 
+pytestmark = pytest.mark.xdist_group('generate')  # the trained language models, once
+
 FAST = dict(train__steps=10, eval__every_steps=10, checkpoint__every_steps=10, train__log_every=5,
             eval__num_examples=16, optim__learning_rate=1e-2)
 

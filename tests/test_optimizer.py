@@ -30,9 +30,10 @@ OPTIM = {'optim__weight_decay': 0.5, 'optim__learning_rate': 1e-2, 'optim__warmu
 
 
 def _params(exp):
+    """The model and its initial parameters (one compiled init: op by op takes seconds)."""
     model = exp.family.build(exp.model_cfg, exp.spec)
     example = {k: jnp.asarray(v[None]) for k, v in exp.task.example('train', 0).items()}
-    return model, nn.unbox(model.init(jax.random.key(0), example)['params'])
+    return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), example)['params'])
 
 
 def _leaf_name(path):
@@ -44,9 +45,12 @@ def test_one_update_with_zero_gradients_decays_only_kernels_and_tables(task, mod
     exp = resolve.from_config(tiny_config(task=task, model=model, **extra, **OPTIM))
     _, params = _params(exp)
     tx, _ = optimizer.make(exp.config.optim, exp.config.train.steps)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
-    after = optax.apply_updates(params, updates)
+
+    @jax.jit
+    def one_update(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return optax.apply_updates(params, tx.update(zeros, tx.init(params), params)[0])
+    after = one_update(params)
     shrink = 1.0 - 1e-2 * 0.5
     seen = set()
     for (path, before), new in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(after)):

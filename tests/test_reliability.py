@@ -28,7 +28,8 @@ from flaxformer_lite import config as config_lib
 from flaxformer_lite.runtime import lock as lock_lib
 from flaxformer_lite.train import checkpoint
 
-pytestmark = pytest.mark.slow  # kills runs at random moments and resumes them
+pytestmark = [pytest.mark.slow,  # kills runs at random moments and resumes them
+              pytest.mark.xdist_group('reliability')]  # the uninterrupted run, trained once
 
 SPEC = 'configs/recall.py'
 RUN = {**TINY_RECALL, **TINY_MODEL, 'train.batch_size': 16, 'train.log_every': 5, 'eval.every_steps': 10,

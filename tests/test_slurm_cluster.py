@@ -8,7 +8,7 @@ import pytest
 
 from slurm_cluster import slurm, wait_for_job  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow  # starts a real SLURM
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('slurm')]  # starts a real SLURM, once
 
 
 def test_job_array_runs_every_task(slurm, tmp_path):  # noqa: F811

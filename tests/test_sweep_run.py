@@ -17,7 +17,8 @@ import pytest
 from conftest import ROOT, TINY_MODEL, TINY_RECALL
 from slurm_cluster import slurm, wait_for_job  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.slow  # real sweeps of trial processes, TensorBoard and SLURM
+pytestmark = [pytest.mark.slow,  # real sweeps of trial processes, TensorBoard and SLURM
+              pytest.mark.xdist_group('slurm')]  # one SLURM cluster for both modules that use it
 
 FIELDS = {**TINY_RECALL, **TINY_MODEL, 'train.steps': 10, 'train.batch_size': 8, 'train.log_every': 5,
           'eval.every_steps': 10, 'eval.num_examples': 16, 'checkpoint.every_steps': 10, 'optim.warmup_steps': 2}

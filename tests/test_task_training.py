@@ -1,5 +1,8 @@
-"""Every task trains through launch.py with a Transformer and an LSTM (a few steps).
-(That every family learns a dependency is tests/test_learning.py.)"""
+"""Every task trains through launch.py (a few steps) with a Transformer, and the task
+whose head no other test trains through it (adding's regression) with an LSTM too.
+tests/test_pinned_behaviour.py trains every family through launch.py on recall, agreement,
+listops and seq2seq, held to its recorded losses; tests/test_learning.py shows every
+family learn a dependency."""
 
 import math
 
@@ -11,17 +14,19 @@ from conftest import read_scalars
 
 pytestmark = pytest.mark.slow  # every task trained to a threshold
 
-TASKS = [('recall', 'recall'), ('copy', 'copy'), ('copy', 'selective_copy'), ('associative', 'mqar'),
-         ('associative', 'induction'), ('adding', 'adding'), ('listops', 'listops'), ('agreement', 'agreement'),
-         ('formal', 'parity'), ('formal', 'dyck'), ('text_lm', 'text_lm'), ('seq2seq', 'seq2seq')]
+TASKS = [('copy', 'copy'), ('copy', 'selective_copy'), ('associative', 'mqar'), ('associative', 'induction'),
+         ('adding', 'adding'), ('listops', 'listops'), ('agreement', 'agreement'), ('formal', 'parity'),
+         ('formal', 'dyck'), ('text_lm', 'text_lm')]
 FEW_STEPS = ['--config.train.steps=3', '--config.train.log_every=1', '--config.eval.every_steps=3',
              '--config.eval.num_examples=8', '--config.train.batch_size=4', '--config.checkpoint.every_steps=3',
              '--config.model.size=tiny', '--quiet']
 
 
-@pytest.mark.parametrize('model', ['transformer', 'lstm'])
-@pytest.mark.parametrize('config,task', TASKS, ids=[t for _, t in TASKS])
-def test_every_task_trains_with_every_family(config, task, model, tmp_path, capsys):
+RUNS = [(config, task, 'transformer') for config, task in TASKS] + [('adding', 'adding', 'lstm')]
+
+
+@pytest.mark.parametrize('config,task,model', RUNS, ids=[f'{t}-{m}' for _, t, m in RUNS])
+def test_every_task_trains(config, task, model, tmp_path, capsys):
     workdir = tmp_path / 'run'
     rc = cli.main([f'--config=configs/{config}.py:quick,task={task},model={model}', f'--workdir={workdir}',
                       *FEW_STEPS])
@@ -30,7 +35,5 @@ def test_every_task_trains_with_every_family(config, task, model, tmp_path, caps
     assert len(scalars['train/loss']) == 3 and all(math.isfinite(v) for v in scalars['train/loss'].values())
     metric = 'eval/mse' if task == 'adding' else 'eval/accuracy'
     assert 3 in scalars[metric]
-    if task == 'seq2seq':
-        assert 0.0 <= scalars['eval/exact_match'][3] <= 1.0
     if task == 'text_lm':
         assert 'eval/loss_at_position/00001' in scalars

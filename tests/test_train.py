@@ -1,4 +1,4 @@
-"""End to end through the one training loop: learning, exact resume, event files,
+"""End to end through the one training loop: exact resume, event files,
 compilation count, and workdirs that must be refused."""
 
 import json
@@ -21,17 +21,6 @@ REQUIRED_TAGS = ['train/loss', 'train/accuracy', 'train/learning_rate', 'train/g
 
 def _train(cfg, workdir):
     return train_and_evaluate(resolve.from_config(cfg), workdir, verbose=False)
-
-
-@pytest.mark.slow  # learns to a threshold
-def test_training_learns_recall_well_above_chance(workdir):
-    cfg = tiny_config(train__steps=150, eval__every_steps=150, train__log_every=10, eval__num_examples=256)
-    result = _train(cfg, workdir)
-    scalars = read_scalars(workdir)
-    losses = scalars['train/loss']
-    assert losses[150] < 0.6 * losses[10], losses
-    chance = resolve.from_config(cfg).task.chance()['accuracy']
-    assert result['eval/accuracy'] > chance + 0.4, (result['eval/accuracy'], chance)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -21,6 +21,8 @@ from flaxformer_lite.train import checkpoint, losses, transfer
 from flaxformer_lite.train.loop import train_and_evaluate
 from flaxformer_lite.train.setup import build
 
+pytestmark = pytest.mark.xdist_group('transfer')  # the pretraining runs, once
+
 FAST = dict(train__steps=4, eval__every_steps=4, checkpoint__every_steps=4, train__log_every=2,
             optim__warmup_steps=1, eval__num_examples=16)
 
