@@ -1,6 +1,6 @@
 """The flagship experiment files: every form (quick, full, tune) defines a sweep whose
 every trial resolves to a runnable experiment, with every family's learning rate tuned
-at each size and budget it runs at, and a report spec, without training anything."""
+at each size and budget it runs at, and report options, without training anything."""
 
 import glob
 import os

@@ -17,7 +17,7 @@ rerun is held to (the task metric's prediction interval for the mean of as many 
 seeds); a report over several sweeps of the same settings (seeds 0-2, then 3-5) adds a
 section checking each against the other (`reproduce.py`).
 
-`spec` (optional; an experiment file can pass its own) chooses what the report shows:
+`options` (optional; an experiment file passes its own from `get_report`) choose what the report shows:
     title        report heading (default: the sweep names)
     loss_metric  loss for the fits (default 'test/loss', else 'eval/loss'); 'best/eval/loss'
                  reads the best value instead of the final one
@@ -44,21 +44,21 @@ from typing import Any, Mapping, Sequence
 from flaxformer_lite.analysis.fits import Fit, IsoFlopFit, Parabola, fit_isoflop, fit_parabola, fit_power_law, \
     pareto_frontier
 from flaxformer_lite.analysis import report
-from flaxformer_lite.analysis.report import resolve_spec
+from flaxformer_lite.analysis.report import resolve_options
 from flaxformer_lite.analysis.runs import Run, load_runs
 from flaxformer_lite.analysis.scaling import Scaling, analyse
 from flaxformer_lite.analysis.tables import Group, aggregate, summarize, trial_rows
 
 __all__ = ['write_report', 'load_runs', 'Run', 'aggregate', 'Group', 'summarize', 'trial_rows', 'analyse',
            'Scaling', 'fit_power_law', 'fit_isoflop', 'fit_parabola', 'pareto_frontier', 'Fit', 'IsoFlopFit',
-           'Parabola', 'resolve_spec']
+           'Parabola', 'resolve_options']
 
 
-def write_report(paths: Sequence[str], out_dir: str, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def write_report(paths: Sequence[str], out_dir: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read the runs under `paths`, write the report into `out_dir`.
 
     Returns {'paths': {'report_md', 'results_csv', 'results_json', 'results_md',
     'aggregated_csv', 'plots': {name: png}, 'events': dir}, 'summary': {'runs': counts by
     status, 'fits': [...], 'plots', 'skipped': {name: reason}, 'failed', 'pending', ...}}.
-    Raises `flaxformer_lite.errors.UserError` for a path without runs or a bad spec."""
-    return report.build(paths, out_dir, spec)
+    Raises `flaxformer_lite.errors.UserError` for a path without runs or a bad option."""
+    return report.build(paths, out_dir, options)

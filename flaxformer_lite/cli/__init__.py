@@ -321,13 +321,13 @@ def run_report(args: argparse.Namespace) -> int:
         if not os.path.isdir(path):
             raise UserError(f'--report: --workdir={path} is not a directory; give sweep or run workdirs')
     out_dir = args.report_dir or os.path.join(paths[0], 'report')
-    out = analysis.write_report(paths, out_dir, _report_spec(args.config, paths))
+    out = analysis.write_report(paths, out_dir, _report_options(args.config, paths))
     print(f"wrote {out['paths']['report_md']} ({sum(out['summary']['runs'].values())} runs: "
           f"{', '.join(f'{n} {s}' for s, n in out['summary']['runs'].items())})")
     return 0
 
 
-def _report_spec(config_ref: str | None, paths: list[str]):
+def _report_options(config_ref: str | None, paths: list[str]):
     """What the experiment file says its report shows (`get_report(arg)`), found from
     --config or from the first sweep's sweep.json; None: the report chooses."""
     if config_ref is None:
