@@ -125,7 +125,7 @@ def describe(exp: Run) -> str:
     matched = matched_transformer(exp)
     if matched is not None:
         hidden, multiple = exp.model_cfg['hidden'], exp.model_cfg['width_multiple']
-        shards = max(d for d in (8, 4, 2, 1) if hidden % d == 0)
+        shards = max(d for d in recurrent_family.AUTO_MULTIPLES if hidden % d == 0)
         note = (f', not a multiple of model.width_multiple={multiple}' if multiple and hidden % multiple
                 else f', splits over {shards} devices' if shards < 8 else '')
         lines.append(f'parameter matching: non-embedding {s["params_non_embedding"]:,} (this model, '
